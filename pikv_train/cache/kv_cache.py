@@ -1,0 +1,69 @@
+"""Inference-time KV cache: per-layer key/value storage kept outside module state.
+
+The decoder never stores keys or values on itself; generation passes a cache object in and the same
+object carries the state to the next step. Scheduling policies (``pikv_train.cache.policies``) subclass
+:class:`KVCache` and override :meth:`update` to evict or select what each query may read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Full (unscheduled) cache: every appended key stays visible to every later query.
+
+    Keys and values are stored per layer as (B, H_kv, S, hd); ``key_pos`` (B, S) holds each slot's
+    absolute position, or -1 for left padding in batched generation.
+    """
+
+    def __init__(self, n_layer: int):
+        self.n_layer = n_layer
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+        self.key_pos: list[Tensor | None] = [None] * n_layer
+
+    def __len__(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def bytes_stored(self) -> int:
+        """Bytes held by keys and values over all layers."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    def update(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append new keys/values and return what the new queries may read.
+
+        Args:
+            q: (B, H, Tq, hd) new queries (used by selection policies; ignored here).
+            k, v: (B, H_kv, Tq, hd) new keys/values.
+            q_pos: (B, Tq) absolute positions of the new tokens, -1 for padding.
+        Returns:
+            keys (B, H_kv, S, hd), values (B, H_kv, S, hd), mask (B, 1 or H_kv, Tq, S) bool.
+        """
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx], self.key_pos[layer_idx] = k, v, q_pos
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=2)
+            self.key_pos[layer_idx] = torch.cat([self.key_pos[layer_idx], q_pos], dim=1)
+        kp = self.key_pos[layer_idx]
+        mask = causal_position_mask(q_pos, kp)
+        return self.keys[layer_idx], self.values[layer_idx], mask
+
+
+def causal_position_mask(q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """(B, 1, Tq, S) bool: key j visible to query t iff it is real and not in the future.
+
+    A padded query (position -1) is allowed to read itself only, so its softmax row stays finite.
+    """
+    kp = k_pos[:, None, None, :]  # (B, 1, 1, S)
+    qp = q_pos[:, None, :, None]  # (B, 1, Tq, 1)
+    mask = (kp >= 0) & (kp <= qp)
+    pad_q = (q_pos < 0)[:, None, :, None]
+    if pad_q.any():
+        # Give padded queries one visible key so SDPA never sees an all-False row (NaN rows).
+        first = torch.zeros_like(mask)
+        first[..., 0] = True
+        mask = torch.where(pad_q, first, mask)
+    return mask

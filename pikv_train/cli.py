@@ -1,0 +1,159 @@
+"""``python -m pikv_train fit|validate|test|predict --config recipe.yaml`` (also the ``pikv-train`` script).
+
+A LightningCLI with:
+- OmegaConf interpolation resolved once after all files and flags are merged (``omegaconf+``), so
+  ``${model.init_args.student.d_model}`` style references see command-line overrides;
+- recipe composition: a recipe may list building blocks under ``defaults:`` (paths to YAML files from
+  ``configs/``); they are merged first, in order, then the recipe itself, then later ``--config`` files
+  and flags;
+- one-line errors for bad input (unknown keys, wrong types, missing files) instead of tracebacks;
+- the resolved config printed at the start of every run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+from jsonargparse import set_parsing_settings  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+
+from pikv_train.data.datamodule import TextDataModule  # noqa: E402
+from pikv_train.errors import ConfigError, MissingFileError, UserError  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _find(path: str, base: Path) -> Path:
+    """Resolve a building-block path: as given, beside the including file, or from the repo root."""
+    for cand in (Path(path), base / path, REPO_ROOT / path):
+        if cand.is_file():
+            return cand
+    raise MissingFileError(f"config file not found: {path!r} (looked in ., {base} and {REPO_ROOT}); fix the path")
+
+
+def expand_config(path: str, seen: tuple[Path, ...] = ()) -> list[str]:
+    """Turn ``--config path`` into the ``--config`` values to pass on: its defaults (recursively), then itself.
+
+    A file with a ``defaults:`` list is passed on as YAML text without that key.
+    """
+    p = _find(path, Path.cwd())
+    if p.resolve() in seen:
+        raise ConfigError(f"config files include each other in a loop: {' -> '.join(str(s) for s in seen + (p,))}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}; fix the file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a YAML mapping of settings, not {type(data).__name__}")
+    defaults = data.pop("defaults", None)
+    if not defaults:
+        return [str(p)]
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    out: list[str] = []
+    for d in defaults:
+        out += expand_config(str(_find(d, p.parent)), seen + (p.resolve(),))
+    out.append(yaml.safe_dump(data, sort_keys=False) if data else "{}")
+    return out
+
+
+def expand_args(args: list[str]) -> list[str]:
+    """Expand every ``--config X`` / ``--config=X`` in an argument list (see :func:`expand_config`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config" and i + 1 < len(args):
+            for c in expand_config(args[i + 1]):
+                out += ["--config", c]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            for c in expand_config(a.split("=", 1)[1]):
+                out += ["--config", c]
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+class PiKVCLI(LightningCLI):
+    """LightningCLI with the data module fixed to :class:`TextDataModule` and tasks chosen by class_path."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--out_dir", type=str, default="runs/default", help="Folder for this run's outputs.")
+
+    def before_fit(self) -> None:
+        self._print_config("fit")
+
+    def before_validate(self) -> None:
+        self._print_config("validate")
+
+    def before_test(self) -> None:
+        self._print_config("test")
+
+    def _print_config(self, sub: str) -> None:
+        if os.environ.get("PIKV_QUIET_CONFIG"):
+            return
+        text = self._parser(sub).dump(self.config[sub], skip_none=False) if sub in self.config else ""
+        rank_zero_info(f"---- resolved config ({sub}) ----\n{text}---------------------------------")
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def main(args: list[str] | None = None) -> PiKVCLI | None:
+    """Entry point; ``args`` defaults to ``sys.argv[1:]``."""
+    # We always pass the expanded argument list explicitly; Lightning's "args and sys.argv" warning is moot.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    argv = list(sys.argv[1:] if args is None else args)
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    try:
+        argv = expand_args(argv)
+        return PiKVCLI(
+            model_class=None,
+            datamodule_class=TextDataModule,
+            subclass_mode_model=True,
+            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+            auto_configure_optimizers=False,
+        )
+    except UserError as e:
+        if os.environ.get("PIKV_DEBUG"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as e:  # jsonargparse parse errors (unknown keys, bad types)
+        if type(e).__name__ != "ArgumentError" or os.environ.get("PIKV_DEBUG"):
+            raise
+        print(f"error: {_summarise_parse_error(str(e))}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _summarise_parse_error(msg: str) -> str:
+    """jsonargparse reports a nested tree of reasons; keep the most specific line, plus a hint."""
+    lines = [ln.strip(" -") for ln in msg.splitlines() if ln.strip()]
+    key_lines = [ln for ln in lines if "not expected" in ln or "not accepted" in ln or "does not" in ln]
+    best = key_lines[-1] if key_lines else (lines[-1] if lines else msg)
+    hint = " (check the spelling against `python -m pikv_train fit --print_config`)" if key_lines else ""
+    first = lines[0] if lines else ""
+    return _one_line(best if best == first else f"{first}: {best}") + hint
+
+
+if __name__ == "__main__":
+    main()

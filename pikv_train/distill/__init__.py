@@ -1,0 +1,30 @@
+"""Distillation math: token-level divergences and the chunked fused LM-head losses (SPEC §5)."""
+
+from .chunked import chunked_cross_entropy, chunked_distill_loss
+from .divergences import (
+    DIVERGENCES,
+    forward_kl,
+    jsd,
+    reduce_tokens,
+    reverse_kl,
+    sequence_mean_weights,
+    skew_kl,
+    skew_reverse_kl,
+    token_divergence,
+    tvd,
+)
+
+__all__ = [
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "tvd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "token_divergence",
+    "reduce_tokens",
+    "sequence_mean_weights",
+    "chunked_distill_loss",
+    "chunked_cross_entropy",
+    "DIVERGENCES",
+]

@@ -1,0 +1,69 @@
+"""Causal grouped-query self-attention with RoPE.
+
+Training runs SDPA over the whole sequence (``is_causal`` when no extra mask is given, else a boolean
+mask); decoding passes a cache object (``pikv_train.cache.KVCache`` or a policy subclass) that returns
+the keys/values each new query may read, with their mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pikv_train.models.config import ModelConfig
+from pikv_train.models.layers import apply_rotary
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with n_kv_head <= n_head key/value heads (GQA)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return rotated q (B, H, T, hd), k (B, H_kv, T, hd) and v (B, H_kv, T, hd)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(x).view(b, t, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        *,
+        mask: Tensor | None = None,
+        cache=None,
+        layer_idx: int = 0,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, T, d) -> (B, T, d).
+
+        Args:
+            mask: optional (B or 1, 1 or H_kv, T, T) bool visibility for the training forward (True = read);
+                it must already include causality. None means plain causal attention.
+            cache: inference cache; when given, ``mask`` is ignored and the cache decides visibility.
+            positions: (B, T) absolute positions (needed with a cache).
+        """
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        if cache is not None:
+            k, v, mask = cache.update(layer_idx, q, k, v, positions)
+        y = attend(q, k, v, mask, self.n_head // self.n_kv_head)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int) -> Tensor:
+    """SDPA over GQA heads. q (B, H, Tq, hd); k, v (B, H_kv, S, hd); mask (B|1, 1|H_kv, Tq, S) bool or None."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=group > 1)
+    if mask.shape[1] > 1 and group > 1:
+        # Per-kv-head masks apply to every query head of the group: (B, H_kv, ...) -> (B, H, ...).
+        mask = mask.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)

@@ -1,0 +1,135 @@
+"""The decoder stack used for teachers (dense SwiGLU) and PiKV students (MoE FFN).
+
+``Decoder.forward`` returns the final normalised hidden states, not logits: losses apply the LM head
+chunk by chunk (``pikv_train.distill.chunked``) so no (B*T, V) logits tensor is needed in training.
+"""
+
+from __future__ import annotations
+
+from pikv_train.errors import ConfigError
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pikv_train.models.attention import CausalSelfAttention
+from pikv_train.models.config import ModelConfig
+from pikv_train.models.layers import RMSNorm, Rotary, SwiGLU
+from pikv_train.models.moe import MoEFeedForward
+from pikv_train.routing import RouterOutput
+
+
+@dataclass
+class DecoderOutput:
+    """hidden: (B, T, d) after the final norm; routing: one RouterOutput per MoE layer (empty if dense)."""
+
+    hidden: Tensor
+    routing: list[RouterOutput] = field(default_factory=list)
+
+    @property
+    def router_loss(self) -> Tensor:
+        """Sum of all layers' weighted router losses."""
+        if not self.routing:
+            return self.hidden.new_zeros((), dtype=torch.float32)
+        return torch.stack([r.loss for r in self.routing]).sum()
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoEFeedForward(cfg.d_model, cfg.moe) if cfg.moe is not None else SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **attn_kw) -> tuple[Tensor, RouterOutput | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kw)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoEFeedForward):
+            y, routing = self.ffn(h)
+            return x + y, routing
+        return x + self.ffn(h), None
+
+
+class Decoder(nn.Module):
+    """Token embedding -> L blocks -> final RMSNorm; LM head tied to the embedding by default."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.apply(self._init)
+        # GPT-2 style: scale residual output projections by depth so the residual stream starts small.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down.weight")):
+                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.cfg.moe is not None
+
+    @property
+    def head_weight(self) -> Tensor:
+        """(V, d) weight of the LM head."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Apply the LM head: (..., d) -> (..., V)."""
+        return hidden @ self.head_weight.t()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        positions: Tensor | None = None,
+        cache=None,
+        masks: list[Tensor | None] | None = None,
+    ) -> DecoderOutput:
+        """Run the stack.
+
+        Args:
+            input_ids: (B, T) token ids.
+            positions: (B, T) absolute positions (default 0..T-1; -1 marks left padding in generation).
+            cache: an inference KV cache (``pikv_train.cache.KVCache`` or a policy cache), updated in place.
+            masks: optional per-layer (B|1, 1|H_kv, T, T) bool visibility masks for the training forward.
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            if t > self.cfg.max_seq_len:
+                raise ConfigError(
+                    f"sequence length {t} exceeds the model's max_seq_len={self.cfg.max_seq_len}; "
+                    "lower data.seq_len or raise max_seq_len in the model config"
+                )
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        cos, sin = self.rotary(positions.clamp_min(0))
+        x = self.embed(input_ids)
+        routing = []
+        for i, block in enumerate(self.blocks):
+            x, r = block(
+                x, cos, sin, cache=cache, layer_idx=i, positions=positions, mask=None if masks is None else masks[i]
+            )
+            if r is not None:
+                routing.append(r)
+        return DecoderOutput(hidden=self.norm(x), routing=routing)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count; ``active=True`` counts only top_k of the routed experts per layer."""
+        n = sum(p.numel() for p in self.parameters())
+        if active and self.is_moe:
+            per_expert = sum(p.numel() for p in self.blocks[0].ffn.experts[0].parameters())
+            n -= self.cfg.n_layer * per_expert * (self.cfg.moe.n_experts - self.cfg.moe.router.top_k)
+        return n

@@ -1,0 +1,266 @@
+"""Router interface shared by every router, the plain top-k router and the Switch-balanced router.
+
+Every router maps hidden states ``x`` of shape (N, d) to a :class:`RouterOutput`. The output carries the
+statistics that the losses and metrics need (per-expert counts, mean probabilities, per-token
+logsumexp), so nothing downstream runs a second pass over the logits.
+
+Routing is causal by construction: a token's experts depend only on its own hidden state and on
+parameters/buffers that change between optimizer steps, never on other tokens of the batch. The one
+exception allowed by SPEC.md is capacity dropping, which only decides *whether* a chosen expert
+processes the token (dropped tokens pass through the residual); with ``drop_policy="position"`` a token
+is only ever dropped because of tokens *before* it in the flattened batch order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class RouterConfig:
+    """Typed settings for every router; each router reads the fields that apply to it."""
+
+    name: Literal["base", "topk_balanced", "adaptive", "pikv", "eplb", "hierarchical"] = "topk_balanced"
+    """Which router: base | topk_balanced | adaptive | pikv | eplb | hierarchical."""
+    top_k: int = 2
+    """Experts per token (the maximum for routers with a dynamic k)."""
+    normalize_weights: bool = True
+    """Renormalise the chosen experts' probabilities to sum to 1 (off: raw softmax probabilities)."""
+    aux_loss_weight: float = 1e-2
+    """Switch load-balancing loss weight alpha (loss = alpha * E * sum_i f_i * P_i)."""
+    z_loss_weight: float = 1e-3
+    """Router z-loss weight c_z (loss = c_z * mean_t logsumexp(r_t)^2)."""
+    capacity_factor: float | None = None
+    """Expert capacity C = ceil(k * T * cf / E); None = dropless."""
+    drop_policy: Literal["position", "probability"] = "position"
+    """Which assignments an over-full expert keeps: the earliest tokens, or the most probable ones."""
+    p_threshold: float = 0.6
+    """AdaptiveRouter: smallest expert set whose cumulative probability reaches this (top-p routing)."""
+    k_min: int = 1
+    """AdaptiveRouter / PiKVRouter: the fewest experts a token may use."""
+    importance_threshold: float = 0.5
+    """PiKVRouter: tokens with importance >= tau get top_k experts, others k_min."""
+    importance_loss_weight: float = 1e-2
+    """PiKVRouter: weight of the importance head's regression onto the (detached) attention mass."""
+    score_fn: Literal["softmax", "sigmoid"] = "softmax"
+    """EPLBRouter / HierarchicalRouter: how router logits become scores."""
+    bias_update_rate: float = 1e-3
+    """EPLBRouter: gamma in b_i <- b_i - gamma * sign(load_i - mean load), applied after each step."""
+    route_scale: float = 1.0
+    """EPLBRouter: constant multiplied onto the normalised weights (DeepSeek-V3's routed scaling)."""
+    n_groups: int = 1
+    """HierarchicalRouter: experts are split into this many equal groups."""
+    topk_groups: int = 1
+    """HierarchicalRouter: number of groups kept per token (M)."""
+    n_devices: int = 1
+    """EPLB planner: devices to pack experts onto (for the before/after device-load report)."""
+    n_redundant: int = 0
+    """EPLB planner: extra replicas handed to the hottest experts."""
+    load_ema: float = 0.9
+    """EPLB planner: moving-average decay of the per-expert load."""
+    eplb_aux_loss_weight: float = 0.0
+    """EPLBRouter: weight of a complementary Switch loss; 0 = auxiliary-loss-free (DeepSeek-V3). EPLBRouter
+    ignores aux_loss_weight."""
+
+
+@dataclass
+class RouterOutput:
+    """What every router returns (N tokens, E experts, K = the router's maximum k).
+
+    ids:      (N, K) int64 expert ids; entries with ``valid == False`` are padding.
+    valid:    (N, K) bool; False for unused slots (dynamic k) and for capacity-dropped assignments.
+    weights:  (N, K) fp32 combine weights, 0 where not valid.
+    logits:   (N, E) fp32 router logits.
+    probs:    (N, E) fp32 router probabilities used by the balancing loss.
+    counts:   (E,) fp32 number of routed assignments per expert (before capacity drops).
+    lse:      (N,) fp32 per-token logsumexp of the logits (for the z-loss).
+    losses:   weighted loss terms (already multiplied by their weights); ``loss`` is their sum.
+    stats:    detached scalars for logging (``dropped``, ``mean_k``, ``load_max_over_mean``, router-specific).
+    extras:   router-specific per-token tensors, e.g. PiKVRouter's ``importance`` (N,) (with grad, for
+              :meth:`PiKVRouter.importance_loss`) and ``k`` (N,) tokens' expert counts.
+    """
+
+    ids: Tensor
+    valid: Tensor
+    weights: Tensor
+    logits: Tensor
+    probs: Tensor
+    counts: Tensor
+    lse: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> Tensor:
+        """Sum of the router's weighted losses (0 when it has none)."""
+        if not self.losses:
+            return self.logits.new_zeros(())
+        return torch.stack(list(self.losses.values())).sum()
+
+
+def switch_loss(probs: Tensor, counts: Tensor, n_assign: int | Tensor) -> Tensor:
+    """Switch-Transformer balance term E * sum_i f_i * P_i (unweighted).
+
+    f_i = share of the N*k assignments that went to expert i (no gradient), P_i = mean probability.
+    """
+    n_experts = probs.shape[-1]
+    f = counts / max(float(n_assign), 1.0)
+    p_mean = probs.mean(0) if probs.shape[0] > 0 else probs.new_zeros(n_experts)
+    return n_experts * (f.detach() * p_mean).sum()
+
+
+def z_loss(lse: Tensor) -> Tensor:
+    """Router z-loss mean_t logsumexp(r_t)^2 (unweighted)."""
+    return (lse**2).mean() if lse.numel() else lse.new_zeros(())
+
+
+def balance_losses(out: RouterOutput, aux_weight: float, z_weight: float) -> dict[str, Tensor]:
+    """Weighted Switch loss (f_i over the routed assignments, i.e. ``counts.sum()``, before capacity drops)
+    and z-loss; a term with weight 0 is left out."""
+    losses = {}
+    if aux_weight:
+        losses["aux"] = aux_weight * switch_loss(out.probs, out.counts, out.counts.sum())
+    if z_weight:
+        losses["z"] = z_weight * z_loss(out.lse)
+    return losses
+
+
+def check_k_min(cfg: RouterConfig) -> None:
+    """Validate k_min for the dynamic-k routers (1 <= k_min <= top_k)."""
+    if not 1 <= cfg.k_min <= cfg.top_k:
+        raise ValueError(
+            f"router k_min={cfg.k_min} must be between 1 and top_k={cfg.top_k}; lower k_min or raise top_k"
+        )
+
+
+def apply_capacity(ids: Tensor, valid: Tensor, weights: Tensor, n_experts: int, capacity: int, policy: str,
+                   priority: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Drop assignments beyond an expert's capacity.
+
+    Args:
+        ids, valid, weights: (N, K) routing decisions.
+        capacity: slots per expert.
+        policy: "position" keeps the earliest tokens (flattened order, first choice before second);
+            "probability" keeps the assignments with the largest ``priority`` (default: weights).
+    Returns:
+        (valid, weights) with dropped assignments cleared.
+    """
+    n, k = ids.shape
+    # Slot-major order (all first choices, then all second choices), as in Switch / GShard: a token's
+    # top-1 assignment is never displaced by another token's second choice.
+    flat_ids = ids.t().reshape(-1)
+    flat_valid = valid.t().reshape(-1)
+    if policy == "position":
+        order = torch.arange(flat_ids.numel(), device=ids.device)
+    elif policy == "probability":
+        pr = (weights if priority is None else priority).t().reshape(-1)
+        order = torch.argsort(-pr, stable=True)
+    else:
+        raise ValueError(f"drop_policy must be 'position' or 'probability', got {policy!r}")
+    # Rank of each assignment inside its expert's queue (in `order`).
+    key = torch.where(flat_valid, flat_ids, torch.full_like(flat_ids, n_experts))[order]
+    sorted_key, perm = torch.sort(key, stable=True)
+    counts = torch.bincount(sorted_key, minlength=n_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(key.numel(), device=ids.device) - starts[sorted_key]
+    rank = torch.empty_like(rank_sorted)
+    rank[order[perm]] = rank_sorted
+    keep = flat_valid & (rank < capacity)
+    keep = keep.reshape(k, n).t()
+    return keep, weights * keep
+
+
+class Router(nn.Module):
+    """Base class: a linear gate W_g (E, d) in fp32 and the shared top-k machinery.
+
+    Subclasses override :meth:`select` (which experts, which weights) and :meth:`compute_losses`.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, cfg: RouterConfig | None = None):
+        super().__init__()
+        cfg = cfg or RouterConfig()
+        if not 1 <= cfg.top_k <= n_experts:
+            raise ValueError(
+                f"router top_k={cfg.top_k} must be between 1 and n_experts={n_experts}; lower top_k or add experts"
+            )
+        self.cfg = cfg
+        self.n_experts = n_experts
+        self.d_model = d_model
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5 * 0.1)
+
+    @property
+    def k_max(self) -> int:
+        return self.cfg.top_k
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        # Router math in fp32 whatever the autocast dtype: top-k ties and softmax are precision-sensitive.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.gate.weight.float())  # (N, E)
+
+    def select(self, logits: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+        """Return (ids (N,K), valid (N,K), weights (N,K), probs (N,E)), optionally followed by an
+        ``extras`` dict of per-token tensors that is copied into :attr:`RouterOutput.extras`."""
+        probs = logits.softmax(-1)
+        top_p, ids = probs.topk(self.cfg.top_k, dim=-1)
+        weights = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-20) if self.cfg.normalize_weights else top_p
+        return ids, torch.ones_like(ids, dtype=torch.bool), weights, probs
+
+    def compute_losses(self, out: RouterOutput, x: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """Route tokens x (N, d)."""
+        logits = self.router_logits(x)
+        sel = self.select(logits, x)
+        ids, valid, weights, probs = sel[:4]
+        extras = dict(sel[4]) if len(sel) > 4 else {}
+        counts = torch.zeros(self.n_experts, device=x.device, dtype=torch.float32)
+        counts.index_add_(0, ids[valid], torch.ones_like(ids[valid], dtype=torch.float32))
+        n_routed = valid.sum()
+        dropped = x.new_zeros((), dtype=torch.float32)
+        if self.cfg.capacity_factor is not None and x.shape[0] > 0:
+            cap = math.ceil(self.cfg.top_k * x.shape[0] * self.cfg.capacity_factor / self.n_experts)
+            new_valid, weights = apply_capacity(ids, valid, weights, self.n_experts, cap, self.cfg.drop_policy)
+            dropped = (valid & ~new_valid).sum().float()
+            valid = new_valid
+        weights = torch.where(valid, weights, torch.zeros_like(weights))
+        out = RouterOutput(
+            ids=ids, valid=valid, weights=weights, logits=logits, probs=probs, counts=counts,
+            lse=torch.logsumexp(logits, -1), extras=extras,
+        )
+        out.stats = {
+            "dropped": dropped,
+            "mean_k": n_routed.float() / max(x.shape[0], 1),
+            "load_max_over_mean": counts.max() / counts.mean().clamp_min(1e-20),
+        }
+        out.losses = self.compute_losses(out, x)
+        return out
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self, counts: Tensor) -> None:
+        """Hook for routers with persistent statistics; ``counts`` are the step's global (E,) loads.
+
+        The caller (the MoE layer / training loop) all-reduces ``counts`` across data-parallel ranks
+        before calling this; routers never communicate themselves, so every rank applies the identical
+        update and the buffers stay in sync.
+        """
+
+
+class BaseRouter(Router):
+    """Softmax top-k router with weights renormalised over the chosen k (no balancing loss)."""
+
+
+class TopKBalancedRouter(Router):
+    """Top-k softmax router + Switch balance loss + z-loss, with optional capacity dropping."""
+
+    def compute_losses(self, out: RouterOutput, x: Tensor) -> dict[str, Tensor]:
+        # counts.sum() == N * top_k here (every slot is routed before capacity drops).
+        return balance_losses(out, self.cfg.aux_loss_weight, self.cfg.z_loss_weight)

@@ -1,0 +1,138 @@
+"""Shared pieces of the LightningModules: optimizer/schedule config, router metrics, validation NLL."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from pikv_train.models.decoder import Decoder, DecoderOutput
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (norms and embeddings-only vectors are not decayed)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    warmup_steps: int = 50
+    """Optimizer steps of linear warm-up."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+
+
+def as_config(cls, value):
+    """Accept a config dataclass or its dict form (hyper-parameters restored from a checkpoint)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(dict(value))
+    return cls(**dict(value))
+
+
+def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    """AdamW over ``module``'s trainable parameters with the warm-up + cosine schedule."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    )
+    total = max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def total_training_steps(trainer: L.Trainer) -> int:
+    """max_steps when set, else Lightning's estimate (epochs x batches / accumulation)."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps
+    return int(trainer.estimated_stepping_batches)
+
+
+class TaskBase(L.LightningModule):
+    """Router metrics, global-step token accounting and validation NLL shared by the tasks."""
+
+    def __init__(self):
+        super().__init__()
+        self.val_nll = MeanMetric()
+        self._router_counts: list[Tensor] = []
+
+    # ----------------------------------------------------------------- router
+    def log_routing(self, out: DecoderOutput, prefix: str = "router") -> Tensor:
+        """Log router losses and load statistics; returns the summed router loss."""
+        if not out.routing:
+            return out.hidden.new_zeros((), dtype=torch.float32)
+        loss = out.router_loss
+        counts = torch.stack([r.counts for r in out.routing])  # (L, E)
+        self._router_counts.append(counts.detach())
+        load = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        max_mean = (load.max(-1).values * load.shape[-1]).mean()
+        logs = {f"{prefix}/loss": loss.detach(), f"{prefix}/max_mean_load": max_mean}
+        for key in ("aux", "z"):
+            vals = [r.losses[key] for r in out.routing if key in r.losses]
+            if vals:
+                logs[f"{prefix}/{key}_loss"] = torch.stack(vals).sum().detach()
+        for key in ("dropped", "mean_k"):
+            vals = [r.stats[key] for r in out.routing if key in r.stats]
+            if vals:
+                logs[f"{prefix}/{key}"] = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).mean()
+        self.log_dict(logs, on_step=True, on_epoch=False)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Router statistics that persist (EPLB bias, load averages) change only here, after the optimizer
+        # step, from the loads of the whole accumulation window summed over ranks.
+        if not self._router_counts:
+            return
+        counts = torch.stack(self._router_counts).sum(0)  # (L, E)
+        self._router_counts.clear()
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        routers = [b.ffn.router for b in self.student_model.blocks if hasattr(b.ffn, "router")]
+        for router, c in zip(routers, counts):
+            router.on_after_optimizer_step(c)
+
+    @property
+    def student_model(self) -> Decoder:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- validation
+    def log_val_nll(self, nll_sum: Tensor, n_tokens: Tensor) -> None:
+        """Accumulate fp32 token NLL; val/loss and val/ppl come from the token-weighted mean."""
+        if n_tokens > 0:
+            self.val_nll.update(nll_sum / n_tokens, weight=n_tokens)
+
+    def emit_nll(self, prefix: str) -> None:
+        if self.val_nll.update_count == 0:
+            return
+        mean = self.val_nll.compute()  # token-weighted mean, synchronised across ranks by torchmetrics
+        self.log(f"{prefix}/loss", mean)
+        self.log(f"{prefix}/ppl", torch.exp(mean))
+        self.val_nll.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.emit_nll("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.emit_nll("test")

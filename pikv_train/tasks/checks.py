@@ -1,0 +1,16 @@
+"""Early, one-line checks of things that only meet at setup time (model vs tokenizer vs teacher)."""
+
+from __future__ import annotations
+
+from pikv_train.errors import ConfigError
+
+
+def check_vocab(trainer, model_vocab: int, who: str) -> None:
+    """Refuse a model whose vocabulary differs from the datamodule's tokenizer."""
+    dm = getattr(trainer, "datamodule", None)
+    tok = getattr(dm, "tokenizer", None)
+    if tok is not None and tok.vocab_size != model_vocab:
+        raise ConfigError(
+            f"{who} vocab_size={model_vocab} does not match the tokenizer's vocab_size={tok.vocab_size} "
+            f"({getattr(tok, 'name', type(tok).__name__)}); set the model's vocab_size to {tok.vocab_size}"
+        )

@@ -1,0 +1,194 @@
+"""DistillationTask: a frozen teacher guides a (PiKV MoE) student.
+
+The teacher is a guest: built in ``configure_model``, frozen, in eval mode, run under ``no_grad``, never
+in the optimizer, the hyper-parameters or the checkpoint. Losses never build full-vocabulary logits:
+the student's LM head, the divergence and the optional CE run chunk by chunk
+(:func:`pikv_train.distill.chunked_distill_loss`).
+"""
+
+from __future__ import annotations
+
+from pikv_train.errors import ConfigError
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torchmetrics import MeanMetric, SumMetric
+
+from pikv_train.distill import chunked_distill_loss
+from pikv_train.models.config import ModelConfig, MoEConfig
+from pikv_train.models.decoder import Decoder
+from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
+from pikv_train.tasks.checks import check_vocab
+from pikv_train.tasks.teacher import TeacherConfig, load_teacher
+
+
+@dataclass
+class DistillLossConfig:
+    """Distillation loss: kd_weight * divergence(teacher || student) + ce_weight * CE + router losses."""
+
+    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"] = "fkl"
+    """Token-level divergence between the teacher's and the student's next-token distributions."""
+    kd_weight: float = 1.0
+    """Weight of the divergence."""
+    ce_weight: float = 0.0
+    """Weight of cross-entropy on the data's next tokens."""
+    temperature: float = 1.0
+    """Divides both logit sets inside the divergence (not the CE)."""
+    t2_scale: bool = False
+    """Multiply the divergence by temperature squared (Hinton); off by default."""
+    beta: float = 0.5
+    """JSD mixture weight beta (0 = forward KL, 1 = reverse KL)."""
+    alpha: float = 0.1
+    """Skew alpha of SKL / SRKL."""
+    router_loss_weight: float = 1.0
+    """Multiplier on the student's (already weighted) router losses."""
+    chunk_size: int = 512
+    """Tokens per chunk of the fused LM head + loss."""
+
+
+def _student_default() -> ModelConfig:
+    return ModelConfig(moe=MoEConfig())
+
+
+class DistillationTask(TaskBase):
+    """Train ``student`` to match ``teacher`` on the data's loss tokens.
+
+    Args:
+        student: the student architecture (a PiKV MoE decoder when ``moe`` is set).
+        teacher: where to load the frozen teacher from.
+        loss: the distillation objective.
+        optim: optimizer and schedule for the student.
+    """
+
+    def __init__(
+        self,
+        student: ModelConfig = _student_default(),
+        teacher: TeacherConfig = TeacherConfig(),
+        loss: DistillLossConfig = DistillLossConfig(),
+        optim: OptimConfig = OptimConfig(),
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.student = Decoder(as_config(ModelConfig, student))
+        self.teacher: Decoder | None = None
+        self.teacher_cfg = as_config(TeacherConfig, teacher)
+        self.loss_cfg = as_config(DistillLossConfig, loss)
+        self.optim_cfg = as_config(OptimConfig, optim)
+        # The checkpoint holds the student only; loading it must not require teacher keys.
+        self.strict_loading = False
+        self.val_kd = MeanMetric()
+        self.val_agree = SumMetric()
+        self.val_count = SumMetric()
+
+    @property
+    def student_model(self) -> Decoder:
+        return self.student
+
+    # ------------------------------------------------------------------ teacher
+    def configure_model(self) -> None:
+        if self.teacher is not None:
+            return
+        teacher = load_teacher(self.teacher_cfg)
+        if teacher.cfg.vocab_size != self.student.cfg.vocab_size:
+            raise ConfigError(
+                f"teacher vocab_size={teacher.cfg.vocab_size} differs from student vocab_size="
+                f"{self.student.cfg.vocab_size}; both must use the same tokenizer (set student.vocab_size)"
+            )
+        # Stored outside the module tree's parameters for the optimizer, but as a submodule so that
+        # .to(device) moves it; state_dict() below drops it from checkpoints.
+        self.teacher = teacher.to(self.device)
+        # Each rank loads its own copy; DDP must neither broadcast nor all-reduce it.
+        self._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in self.teacher.named_parameters()] + [
+            f"teacher.{n}" for n, _ in self.teacher.named_buffers()
+        ]
+
+    def setup(self, stage: str) -> None:
+        check_vocab(self.trainer, self.student.cfg.vocab_size, "student")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # Lightning restores training mode after validation: keep the guest frozen
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return type(sd)((k, v) for k, v in sd.items() if not k.startswith(prefix + "teacher."))
+
+    # -------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_t) final hidden states of the frozen teacher."""
+        return self.teacher(input_ids).hidden
+
+    def kd_losses(self, batch) -> tuple[torch.Tensor, dict, object]:
+        """Student forward + fused chunked KD/CE; returns (loss without router terms, parts, student out)."""
+        cfg = self.loss_cfg
+        t_hidden = self.teacher_hidden(batch["input_ids"])
+        out = self.student(batch["input_ids"])
+        mask = batch["loss_mask"].flatten().bool()
+        div_kw = {"beta": cfg.beta} if cfg.divergence == "jsd" else {"alpha": cfg.alpha} if cfg.divergence in ("skl", "srkl") else {}
+        loss, parts = chunked_distill_loss(
+            out.hidden.flatten(0, 1), self.student.head_weight,
+            t_hidden.flatten(0, 1).to(out.hidden.dtype), self.teacher.head_weight.to(out.hidden.dtype),
+            mask=mask, divergence=cfg.divergence, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
+            t2_scale=cfg.t2_scale, targets=batch["targets"].flatten(), ce_weight=cfg.ce_weight,
+            kd_weight=cfg.kd_weight, return_parts=True, **div_kw,
+        )
+        return loss, parts, out
+
+    def training_step(self, batch, batch_idx):
+        loss, parts, out = self.kd_losses(batch)
+        router_loss = self.log_routing(out)
+        total = loss + self.loss_cfg.router_loss_weight * router_loss
+        n = parts["n_tokens"].clamp_min(1)
+        self.log_dict(
+            {
+                "train/loss": total.detach(),
+                "kd/loss": parts["kd"],
+                "kd/ce": parts["ce"],
+                "kd/agreement": parts["top1_agree"].float() / n,
+            },
+            on_step=True, prog_bar=False,
+        )
+        self.log("train/kd", parts["kd"], prog_bar=True, on_step=True, logger=False)
+        return total
+
+    def validation_step(self, batch, batch_idx):
+        # Always FKL + CE at validation, whatever the training divergence: comparable across recipes.
+        cfg = self.loss_cfg
+        t_hidden = self.teacher_hidden(batch["input_ids"])
+        out = self.student(batch["input_ids"])
+        mask = batch["loss_mask"].flatten().bool()
+        _, parts = chunked_distill_loss(
+            out.hidden.flatten(0, 1), self.student.head_weight, t_hidden.flatten(0, 1), self.teacher.head_weight,
+            mask=mask, divergence="fkl", chunk_size=cfg.chunk_size, targets=batch["targets"].flatten(),
+            ce_weight=1.0, kd_weight=1.0, return_parts=True, reduction="sum",
+        )
+        n = mask.sum()
+        self.log_val_nll(parts["ce"], n)
+        if n > 0:
+            self.val_kd.update(parts["kd"] / n, weight=n)
+        self.val_agree.update(parts["top1_agree"].float())
+        self.val_count.update(n.float())
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.val_kd.update_count:
+            self.log("val/kd", self.val_kd.compute())
+            self.log("val/agreement", self.val_agree.compute() / self.val_count.compute().clamp_min(1))
+        for m in (self.val_kd, self.val_agree, self.val_count):
+            m.reset()
+
+    def test_step(self, batch, batch_idx):
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return build_optimizer(self.student, self.optim_cfg, total_training_steps(self.trainer))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["pikv_model_config"] = self.student.cfg.to_dict()
+        checkpoint["pikv_task"] = "distill"

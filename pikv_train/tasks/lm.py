@@ -1,0 +1,70 @@
+"""LanguageModelTask: next-token cross-entropy. Trains teachers and the CE-only student baseline."""
+
+from __future__ import annotations
+
+import torch
+
+from pikv_train.distill import chunked_cross_entropy
+from pikv_train.models.config import ModelConfig
+from pikv_train.models.decoder import Decoder
+from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
+from pikv_train.tasks.checks import check_vocab
+
+
+class LanguageModelTask(TaskBase):
+    """Cross-entropy language modelling on ``loss_mask`` tokens (+ router losses for MoE models).
+
+    Args:
+        model: the decoder architecture (dense for teachers, ``moe`` set for a PiKV student).
+        optim: optimizer and schedule.
+        chunk_size: tokens per chunk of the fused LM head + cross-entropy (no full (N, V) logits).
+    """
+
+    def __init__(self, model: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(), chunk_size: int = 2048):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = Decoder(as_config(ModelConfig, model))
+        self.optim_cfg = as_config(OptimConfig, optim)
+        self.chunk_size = chunk_size
+
+    @property
+    def student_model(self) -> Decoder:
+        return self.model
+
+    def setup(self, stage: str) -> None:
+        check_vocab(self.trainer, self.model.cfg.vocab_size, "model")
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids)
+
+    def _nll(self, batch) -> tuple[torch.Tensor, torch.Tensor, object]:
+        out = self.model(batch["input_ids"])
+        h = out.hidden.flatten(0, 1)  # (N, d)
+        mask = batch["loss_mask"].flatten().bool()
+        nll_sum = chunked_cross_entropy(
+            h, self.model.head_weight, batch["targets"].flatten(), mask=mask, chunk_size=self.chunk_size, reduction="sum"
+        )
+        return nll_sum, mask.sum(), out
+
+    def training_step(self, batch, batch_idx):
+        nll_sum, n_tok, out = self._nll(batch)
+        ce = nll_sum / n_tok.clamp_min(1)
+        router_loss = self.log_routing(out)
+        loss = ce + router_loss
+        self.log_dict({"train/loss": loss.detach(), "train/ce": ce.detach()}, on_step=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        nll_sum, n_tok, _ = self._nll(batch)
+        self.log_val_nll(nll_sum.detach(), n_tok)
+
+    def test_step(self, batch, batch_idx):
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return build_optimizer(self.model, self.optim_cfg, total_training_steps(self.trainer))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A plain-dict copy of the architecture: teachers are rebuilt from it without unpickling classes.
+        checkpoint["pikv_model_config"] = self.model.cfg.to_dict()
+        checkpoint["pikv_task"] = "lm"

@@ -1,0 +1,41 @@
+"""Checkpoint reading with ``torch.load(weights_only=True)`` and our config classes allow-listed."""
+
+from __future__ import annotations
+
+from pikv_train.errors import ConfigError
+
+import pickle
+from pathlib import Path
+
+import torch
+
+
+def _safe_globals() -> list:
+    from pikv_train.models.config import ModelConfig, MoEConfig
+    from pikv_train.routing.base import RouterConfig
+    from pikv_train.tasks.base import OptimConfig
+
+    extra = [ModelConfig, MoEConfig, RouterConfig, OptimConfig]
+    try:
+        from pikv_train.tasks.distill import DistillLossConfig
+        from pikv_train.tasks.teacher import TeacherConfig
+
+        extra += [DistillLossConfig, TeacherConfig]
+    except ImportError:  # pragma: no cover
+        pass
+    return extra
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """Load a checkpoint safely; a damaged or foreign file gives a one-line error naming it."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot read checkpoint {str(path)!r} ({first[:160]}); it is damaged or not a pikv_train checkpoint"
+        ) from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by pikv_train")
+    return ckpt

@@ -1,0 +1,61 @@
+"""Loading a frozen teacher: our own decoder from a LanguageModelTask checkpoint (HF teachers: issue 6)."""
+
+from __future__ import annotations
+
+from pikv_train.errors import ConfigError, MissingFileError
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pikv_train.models.config import ModelConfig
+from pikv_train.models.decoder import Decoder
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher comes from. The teacher is frozen, in eval mode and never checkpointed."""
+
+    checkpoint: str | None = None
+    """A checkpoint written by LanguageModelTask (e.g. runs/teacher/checkpoints/last.ckpt)."""
+    dtype: str = "float32"
+    """Teacher weights dtype: float32 | bfloat16 | float16."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """torch.load a Lightning checkpoint with ``weights_only`` (no arbitrary unpickling), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(
+            f"checkpoint not found: {str(path)!r}; train a teacher first "
+            "(python -m pikv_train fit --config recipes/teacher.yaml) or fix the path"
+        )
+    from pikv_train.tasks.safe_load import load_checkpoint_file
+
+    return load_checkpoint_file(path)
+
+
+def load_teacher(cfg: TeacherConfig) -> Decoder:
+    """Build the teacher decoder from ``cfg.checkpoint`` and freeze it."""
+    if cfg.checkpoint is None:
+        raise ConfigError("no teacher given: set model.init_args.teacher.checkpoint to a LanguageModelTask checkpoint")
+    ckpt = read_checkpoint(cfg.checkpoint)
+    if "pikv_model_config" not in ckpt or ckpt.get("pikv_task") != "lm":
+        raise ConfigError(
+            f"{cfg.checkpoint!r} is not a pikv_train LanguageModelTask checkpoint (no model config inside); "
+            "use a checkpoint written by recipes/teacher.yaml"
+        )
+    mcfg = ModelConfig.from_dict(ckpt["pikv_model_config"])
+    model = Decoder(mcfg)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"teacher checkpoint {cfg.checkpoint!r} does not fit its own architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the file is damaged or from another version"
+        )
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    model = model.to(dtype).eval()
+    model.requires_grad_(False)
+    return model
