@@ -117,14 +117,22 @@ class TextDataModule(L.LightningDataModule):
                             "set data.format to text, json or parquet"
                         )
                     fmt = kinds.pop()
-                ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
+                if all(f.stat().st_size == 0 for f in files):
+                    raise DataError(f"dataset {hp.path!r} is empty; point data.path at a file with rows")
+                try:
+                    ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
+                except Exception as e:  # datasets raises many types, some with empty messages
+                    raise DataError(
+                        f"cannot read {hp.path!r} as {fmt} ({type(e).__name__}: {str(e)[:120] or 'no detail'}); "
+                        "check the file or set data.format"
+                    ) from e
             rows = ds.to_list() if hp.max_documents is None else ds.select(range(min(hp.max_documents, len(ds)))).to_list()
         if not rows:
             raise DataError(f"dataset {hp.path or 'embedded corpus'!r} is empty; point data.path at a file with rows")
         need = [hp.prompt_field, hp.response_field] if hp.prompt_field else [hp.text_field]
         missing = [f for f in need if f not in rows[0]]
         if missing:
-            raise ConfigError(
+            raise DataError(
                 f"dataset rows have no field {missing[0]!r} (fields: {sorted(rows[0])}); "
                 "set data.text_field or data.prompt_field/response_field"
             )

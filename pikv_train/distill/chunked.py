@@ -128,14 +128,17 @@ class _FusedChunkedLoss(torch.autograd.Function):
                     ce_c = _weighted_sum(ce_tok, w_c)
                     objective = objective + (plan.ce_weight * plan.ce_scale) * ce_c
                     ce_sum += ce_c.detach()
-            if not (need_h or need_w):
-                continue
-            (g,) = torch.autograd.grad(objective, logits)  # (C, V) d objective / d logits
-            if need_h:
-                grad_h[start:end] = g.to(weight.dtype) @ w_head  # (C, d)
-            if need_w:
-                grad_w[:vs].addmm_(g.t(), h_c.to(acc_dtype))  # (V, d) += (V, C) @ (C, d)
-            del logits, g, objective
+            if need_h or need_w:
+                (g,) = torch.autograd.grad(objective, logits)  # (C, V) d objective / d logits
+                if need_h:
+                    grad_h[start:end] = g.to(weight.dtype) @ w_head  # (C, d)
+                if need_w:
+                    grad_w[:vs].addmm_(g.t(), h_c.to(acc_dtype))  # (V, d) += (V, C) @ (C, d)
+                del g
+            # Free this chunk's (C, V) buffers before the next chunk allocates its own.
+            del logits, objective
+            if do_kd:
+                del t_logits, kd_tok
 
         kd = kd_sum * plan.kd_scale
         ce = ce_sum * plan.ce_scale

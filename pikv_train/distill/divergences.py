@@ -7,7 +7,8 @@ Conventions (all functions):
 * Values are true KL (``sum p log p/q``), not the cross-entropy form that omits the teacher entropy.
 * A vocabulary column whose logit is ``±inf`` in either model (padded vocabulary) contributes
   nothing, and never produces NaN in values or gradients (DistiLLM's ``inf_mask`` convention).
-* ``t2_scale=True`` multiplies every per-token value by ``temperature**2`` (Hinton KD); off by default.
+* ``t2_scale=True`` multiplies every per-token value by ``temperature**2`` (Hinton KD); off by
+  default.
 * ``mask`` (same shape as the logits without the vocab dim) is bool or float; a float mask acts as
   per-token weights. Masked positions contribute nothing, even if their logits are garbage.
 
@@ -86,11 +87,15 @@ def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     if temperature != 1.0:
         s = s / temperature
         t = t / temperature
-    pad = torch.isinf(s) | torch.isinf(t)  # (..., V)
+    pad = torch.isinf(s).logical_or_(torch.isinf(t))  # (..., V) bool
     # log_softmax handles -inf inputs (they get -inf log-prob and zero gradient); the fill then
     # makes every later subtraction finite. The fill's backward zeroes the gradient at pad.
     logq = F.log_softmax(s, dim=-1).masked_fill(pad, 0.0)  # (..., V)
-    logp = F.log_softmax(t, dim=-1).masked_fill(pad, 0.0)  # (..., V)
+    logp = F.log_softmax(t, dim=-1)  # (..., V)
+    if torch.is_grad_enabled() and t.requires_grad:
+        logp = logp.masked_fill(pad, 0.0)
+    else:  # usual case: frozen teacher, so fill in place and save a (..., V) buffer
+        logp.masked_fill_(pad, 0.0)
     return logq, logp, pad
 
 
@@ -340,7 +345,9 @@ def forward_kl(
     Returns:
         Reduced fp32 tensor (scalar, or (...) for ``reduction="none"``).
     """
-    return _divergence("fkl", student_logits, teacher_logits, mask, temperature, t2_scale, reduction)
+    return _divergence(
+        "fkl", student_logits, teacher_logits, mask, temperature, t2_scale, reduction
+    )
 
 
 def reverse_kl(
@@ -353,7 +360,9 @@ def reverse_kl(
     reduction: str = "mean",
 ) -> Tensor:
     """Reverse KL(q || p), mode-seeking. Args/Returns as ``forward_kl``."""
-    return _divergence("rkl", student_logits, teacher_logits, mask, temperature, t2_scale, reduction)
+    return _divergence(
+        "rkl", student_logits, teacher_logits, mask, temperature, t2_scale, reduction
+    )
 
 
 def tvd(
@@ -366,7 +375,9 @@ def tvd(
     reduction: str = "mean",
 ) -> Tensor:
     """Total variation distance ½ Σ|p − q|. Args/Returns as ``forward_kl``."""
-    return _divergence("tvd", student_logits, teacher_logits, mask, temperature, t2_scale, reduction)
+    return _divergence(
+        "tvd", student_logits, teacher_logits, mask, temperature, t2_scale, reduction
+    )
 
 
 def jsd(

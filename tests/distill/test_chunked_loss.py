@@ -13,6 +13,15 @@ from pikv_train.distill import (
 
 pytestmark = pytest.mark.filterwarnings("ignore:skew_kl with detach_mixture")
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 D_S, D_T, V = 6, 5, 11
 

@@ -23,6 +23,15 @@ F64 = torch.float64
 # SKL with a detached mixture warns that it has no student gradient; that is tested explicitly.
 pytestmark = pytest.mark.filterwarnings("ignore:skew_kl with detach_mixture")
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 # (name, hyper-parameters) covering every divergence and both mixture-gradient conventions.
 CASES = [
     ("fkl", {}),
@@ -122,7 +131,8 @@ def test_jsd_endpoints_are_exactly_fkl_and_rkl():
 @pytest.mark.parametrize("name, hyper", CASES, ids=CASE_IDS)
 def test_values_match_probability_space_reference(name, hyper):
     g = torch.Generator().manual_seed(1)
-    s, t = torch.randn(2, 3, 7, generator=g, dtype=F64), torch.randn(2, 3, 7, generator=g, dtype=F64)
+    s = torch.randn(2, 3, 7, generator=g, dtype=F64)
+    t = torch.randn(2, 3, 7, generator=g, dtype=F64)
     got = token_divergence(name, s, t, **hyper)
     torch.testing.assert_close(got, _reference(name, s, t, **hyper), rtol=1e-10, atol=1e-12)
 
@@ -242,7 +252,8 @@ def test_temperature_divides_both_logit_sets(name, hyper):
     torch.testing.assert_close(scaled, 4.0 * manual)
     # T = 1: the flag changes nothing.
     plain = fn(student_logits=s, teacher_logits=t, **hyper)
-    torch.testing.assert_close(fn(student_logits=s, teacher_logits=t, t2_scale=True, **hyper), plain)
+    unit = fn(student_logits=s, teacher_logits=t, t2_scale=True, **hyper)
+    torch.testing.assert_close(unit, plain)
 
 
 def test_half_precision_inputs_are_computed_in_fp32():
@@ -250,7 +261,8 @@ def test_half_precision_inputs_are_computed_in_fp32():
     t = torch.randn(3, 16).bfloat16()
     value = forward_kl(student_logits=s, teacher_logits=t)
     assert value.dtype == torch.float32
-    torch.testing.assert_close(value, forward_kl(student_logits=s.float(), teacher_logits=t.float()))
+    expected = forward_kl(student_logits=s.float(), teacher_logits=t.float())
+    torch.testing.assert_close(value, expected)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Test-wide setup: hermetic W&B (offline, files under tmp), quiet jsonargparse, small thread pools."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/wandb_reader.py and helpers
+
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ["JSONARGPARSE_DEPRECATION_WARNINGS"] = "off"
+os.environ.pop("WANDB_API_KEY", None)
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(tmp_path_factory, monkeypatch):
+    wb = tmp_path_factory.mktemp("wandb_home")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(wb))
+    torch.manual_seed(0)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def cli_env(**extra) -> dict:
+    """Environment for CLI subprocesses: offline W&B, no config echo unless asked."""
+    env = dict(os.environ)
+    env.update({"WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "PIKV_QUIET_CONFIG": "1"})
+    env.update(extra)
+    return env

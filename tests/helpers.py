@@ -1,0 +1,52 @@
+"""Shared test helpers: run the real CLI in a subprocess, tiny recipes written to tmp folders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import ROOT, cli_env
+
+
+def run_cli(*args: str, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m pikv_train ARGS`` from the repo root; returns the completed process (never raises)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pikv_train", *args], cwd=ROOT, env=env or cli_env(), capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def lm_recipe(tmp: Path, out: str = "run", steps: int = 4, extra: str = "", model: str = "configs/model/nano_moe.yaml") -> Path:
+    """A tiny LanguageModelTask recipe writing into tmp/out (CSV-free: W&B offline logger)."""
+    return write(
+        tmp / f"{out}.yaml",
+        f"""
+        defaults: [configs/trainer/cpu.yaml]
+        seed_everything: 0
+        out_dir: {tmp / out}
+        model:
+          class_path: pikv_train.tasks.LanguageModelTask
+          init_args:
+            model: {model}
+        data:
+          seq_len: 32
+          batch_size: 4
+          max_documents: 6
+        trainer:
+          max_steps: {steps}
+          limit_val_batches: 2
+          val_check_interval: {steps}
+          log_every_n_steps: 1
+          enable_progress_bar: false
+          enable_model_summary: false
+        """
+        + textwrap.dedent(extra),
+    )
