@@ -120,6 +120,9 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
     """Entry point; ``args`` defaults to ``sys.argv[1:]``."""
     # We always pass the expanded argument list explicitly; Lightning's "args and sys.argv" warning is moot.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # Epoch-level metrics come from torchmetrics objects, which synchronise across ranks themselves.
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     argv = list(sys.argv[1:] if args is None else args)
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
@@ -146,13 +149,22 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
 
 
 def _summarise_parse_error(msg: str) -> str:
-    """jsonargparse reports a nested tree of reasons; keep the most specific line, plus a hint."""
+    """jsonargparse reports a nested tree of reasons; keep the most specific one, plus a hint."""
+    import re
+
+    hint = " (check the spelling against `python -m pikv_train fit --print_config`)"
+    nested = re.search(r"NestedArg\(key='([^']+)'", msg)
+    group = re.search(r'Parser key "([^"]+)"', msg)
+    if nested:
+        where = f" under '{group.group(1)}'" if group else ""
+        return f"unknown option '{nested.group(1)}'{where}" + hint
     lines = [ln.strip(" -") for ln in msg.splitlines() if ln.strip()]
-    key_lines = [ln for ln in lines if "not expected" in ln or "not accepted" in ln or "does not" in ln]
+    key_lines = [ln for ln in lines if "not expected" in ln or "not accepted" in ln or "does not accept" in ln
+                 or "unrecognized arguments" in ln]
     best = key_lines[-1] if key_lines else (lines[-1] if lines else msg)
-    hint = " (check the spelling against `python -m pikv_train fit --print_config`)" if key_lines else ""
     first = lines[0] if lines else ""
-    return _one_line(best if best == first else f"{first}: {best}") + hint
+    text = best if best == first else f"{first} {best}"
+    return _one_line(text) + (hint if key_lines else "")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ from pikv_train.errors import ConfigError
 
 
 def check_vocab(trainer, model_vocab: int, who: str) -> None:
-    """Refuse a model whose vocabulary differs from the datamodule's tokenizer."""
+    """Refuse a model whose vocabulary cannot hold every id of the datamodule's tokenizer.
+
+    A larger model vocabulary is allowed (vocabularies padded to a multiple of 64 or 128 are common).
+    """
     dm = getattr(trainer, "datamodule", None)
     tok = getattr(dm, "tokenizer", None)
-    if tok is not None and tok.vocab_size != model_vocab:
+    if tok is not None and tok.vocab_size > model_vocab:
         raise ConfigError(
-            f"{who} vocab_size={model_vocab} does not match the tokenizer's vocab_size={tok.vocab_size} "
-            f"({getattr(tok, 'name', type(tok).__name__)}); set the model's vocab_size to {tok.vocab_size}"
+            f"{who} vocab_size={model_vocab} is smaller than the tokenizer's vocab_size={tok.vocab_size} "
+            f"({getattr(tok, 'name', type(tok).__name__)}); set the {who}'s vocab_size to at least {tok.vocab_size}"
         )

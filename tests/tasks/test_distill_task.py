@@ -86,7 +86,7 @@ def test_teacher_student_vocab_mismatch(teacher_ckpt, tmp_path):
 
 def test_model_tokenizer_vocab_mismatch(tmp_path):
     task = LanguageModelTask(model=ModelConfig.preset("nano", vocab_size=100))
-    with pytest.raises(ConfigError, match="vocab_size=100 does not match the tokenizer's vocab_size=258"):
+    with pytest.raises(ConfigError, match="model vocab_size=100 is smaller than the tokenizer's vocab_size=258"):
         _trainer(tmp_path).fit(task, datamodule=_dm())
 
 

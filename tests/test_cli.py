@@ -1,0 +1,172 @@
+"""The real CLI end to end: recipes parse, debug run writes a checkpoint and an offline W&B run,
+resume continues from the saved step, 2-process DDP matches 1 process, bad input gives one-line errors."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import lm_recipe, run_cli, write
+from wandb_reader import read_history
+
+from conftest import ROOT
+
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def _error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_parses_through_the_real_cli(recipe):
+    proc = run_cli("fit", "--config", recipe, "--print_config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: pikv_train.tasks." in proc.stdout
+    header = (ROOT / recipe).read_text().splitlines()[:6]
+    assert sum(ln.startswith("#") for ln in header) >= 3, "recipes open with a comment header"
+    assert any("python -m pikv_train" in ln for ln in header), "the header gives the exact command"
+
+
+def test_debug_recipe_end_to_end_writes_checkpoint_and_wandb_metrics(tmp_path):
+    out = tmp_path / "debug"
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--out_dir", str(out), "--trainer.max_steps", "6",
+                   "--trainer.val_check_interval", "3", env=None, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6
+    runs = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1
+    rows = read_history(runs[0])
+    keys = set().union(*rows)
+    for k in ("train/loss", "train/ce", "val/loss", "val/ppl", "router/aux_loss", "router/max_mean_load", "optim/lr"):
+        assert k in keys, f"{k} missing from the W&B run ({sorted(keys)})"
+    assert "---- performance ----" in proc.stderr + proc.stdout
+    assert (out / "config.yaml").is_file()
+
+
+def test_fit_then_resume_from_last_continues_from_the_saved_step(tmp_path):
+    recipe = lm_recipe(tmp_path, "res", steps=3)
+    first = run_cli("fit", "--config", str(recipe))
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "res" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    second = run_cli("fit", "--config", str(recipe), "--trainer.max_steps", "5", "--ckpt_path", "last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in second.stderr + second.stdout
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["global_step"] == 5  # 3 restored + 2 new, not 5 from scratch
+    runs = sorted(glob.glob(str(tmp_path / "res" / "wandb" / "offline-run-*" / "run-*.wandb")), key=os.path.getmtime)
+    assert len(runs) == 2
+    history = read_history(runs[-1])
+    steps = [r["trainer/global_step"] for r in history if "train/loss" in r]
+    assert steps and min(steps) >= 3
+
+
+def _val_loss(proc) -> float:
+    m = re.search(r"val/loss\s+([0-9.]+)", proc.stdout + proc.stderr)  # the performance block
+    assert m, (proc.stdout + proc.stderr)[-3000:]
+    return float(m.group(1))
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """Same global batch (2 x 2 vs 1 x 4): the validation loss after training agrees within tolerance."""
+    recipe = lm_recipe(tmp_path, "ddp", steps=3, model="configs/model/nano_dense.yaml")
+    common = ["--trainer.logger", "false", "--trainer.callbacks", "[pikv_train.callbacks.PerformanceMonitor]",
+              "--trainer.enable_checkpointing", "false",
+              "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "4"]
+    one = run_cli("fit", "--config", str(recipe), "--data.batch_size", "4", *common)
+    two = run_cli("fit", "--config", str(recipe), "--data.batch_size", "2", "--trainer.devices", "2",
+                  "--trainer.strategy", "ddp", *common, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "distributed_backend=gloo" in two.stderr + two.stdout
+    assert _val_loss(two) == pytest.approx(_val_loss(one), abs=2e-3)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_unknown_config_key(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "trainer:\n  max_stepz: 3\n")
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--config", str(bad))
+    assert proc.returncode == 2
+    assert "max_stepz" in _error_line(proc) and "spelling" in _error_line(proc)
+
+
+def test_mistyped_nested_model_key(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "model:\n  init_args:\n    modle: 3\n")
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--config", str(bad))
+    assert proc.returncode == 2 and "'modle' is not accepted" in _error_line(proc)
+
+
+def test_wrong_type(tmp_path):
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--data.batch_size", "many")
+    assert proc.returncode == 2 and "data.batch_size" in _error_line(proc) and "int" in _error_line(proc)
+
+
+def test_malformed_yaml(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "trainer:\n  max_steps: [3\n")
+    proc = run_cli("fit", "--config", str(bad))
+    assert proc.returncode == 2 and "is not valid YAML at line" in _error_line(proc)
+
+
+def test_missing_data_file(tmp_path):
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--data.path", str(tmp_path / "missing.jsonl"))
+    assert proc.returncode == 2
+    assert _error_line(proc).startswith("error: data file not found") and "missing.jsonl" in _error_line(proc)
+
+
+def test_empty_dataset(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--data.path", str(empty), "--out_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "is empty" in _error_line(proc)
+
+
+def test_missing_teacher_checkpoint(tmp_path):
+    proc = run_cli("fit", "--config", "recipes/distill.yaml", "--out_dir", str(tmp_path / "o"),
+                   "--model.init_args.teacher.checkpoint", str(tmp_path / "none.ckpt"))
+    assert proc.returncode == 2
+    assert "checkpoint not found" in _error_line(proc) and "recipes/teacher.yaml" in _error_line(proc)
+
+
+def test_teacher_student_vocabulary_mismatch(tmp_path):
+    teacher_dir = tmp_path / "t"
+    recipe = lm_recipe(tmp_path, "t", steps=1, model="configs/model/nano_dense.yaml")
+    assert run_cli("fit", "--config", str(recipe), "--model.init_args.model.vocab_size", "300").returncode == 0
+    distill = write(
+        tmp_path / "d.yaml",
+        f"""
+        defaults: [configs/trainer/cpu.yaml]
+        out_dir: {tmp_path / 'd'}
+        model:
+          class_path: pikv_train.tasks.DistillationTask
+          init_args:
+            student: configs/model/nano_moe.yaml
+            teacher: {{checkpoint: {teacher_dir / 'checkpoints' / 'last.ckpt'}}}
+        data: {{seq_len: 32, batch_size: 2, max_documents: 6}}
+        trainer: {{max_steps: 1}}
+        """,
+    )
+    proc = run_cli("fit", "--config", str(distill))
+    assert proc.returncode == 2
+    assert "teacher vocab_size=300 differs from student vocab_size=258" in _error_line(proc)
+
+
+def test_config_files_merge_in_order(tmp_path):
+    a = write(tmp_path / "a.yaml", "trainer:\n  max_steps: 7\n")
+    b = write(tmp_path / "b.yaml", "trainer:\n  max_steps: 9\n")
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--config", str(a), "--config", str(b), "--print_config")
+    assert proc.returncode == 0 and "max_steps: 9" in proc.stdout
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--config", str(b), "--config", str(a), "--print_config")
+    assert "max_steps: 7" in proc.stdout
+
+
+def test_interpolation_sees_command_line_overrides(tmp_path):
+    proc = run_cli("fit", "--config", "recipes/debug.yaml", "--out_dir", str(tmp_path / "elsewhere"), "--print_config")
+    assert proc.returncode == 0 and f"dirpath: {tmp_path / 'elsewhere'}/checkpoints" in proc.stdout
