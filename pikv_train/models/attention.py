@@ -42,6 +42,8 @@ class CausalSelfAttention(nn.Module):
         cache=None,
         layer_idx: int = 0,
         positions: Tensor | None = None,
+        hooks: list | None = None,
+        ctx=None,
     ) -> Tensor:
         """x (B, T, d) -> (B, T, d).
 
@@ -50,12 +52,26 @@ class CausalSelfAttention(nn.Module):
                 it must already include causality. None means plain causal attention.
             cache: inference cache; when given, ``mask`` is ignored and the cache decides visibility.
             positions: (B, T) absolute positions (needed with a cache).
+            hooks: attention hooks (KV sharding, cache policy) consulted in the training forward; their
+                masks are ANDed, and a hook's ``attend`` may replace the attention computation.
+            ctx: the hooks' :class:`~pikv_train.models.hooks.AttentionContext` for this layer.
         """
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
+        y = None
         if cache is not None:
             k, v, mask = cache.update(layer_idx, q, k, v, positions)
-        y = attend(q, k, v, mask, self.n_head // self.n_kv_head)
+        elif hooks:
+            for h in hooks:
+                m = h.training_mask(q, k, ctx)
+                if m is not None:
+                    mask = m if mask is None else mask & m
+            for h in hooks:
+                y = h.attend(q, k, v, mask, ctx)
+                if y is not None:
+                    break
+        if y is None:
+            y = attend(q, k, v, mask, self.n_head // self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from pikv_train.models.attention import CausalSelfAttention
 from pikv_train.models.config import ModelConfig
+from pikv_train.models.hooks import AttentionContext, AttentionHook
 from pikv_train.models.layers import RMSNorm, Rotary, SwiGLU
 from pikv_train.models.moe import MoEFeedForward
 from pikv_train.routing import RouterOutput
@@ -26,6 +27,8 @@ class DecoderOutput:
 
     hidden: Tensor
     routing: list[RouterOutput] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    """Hook statistics of this forward (e.g. cache/kept_fraction), filled by attention hooks."""
 
     @property
     def router_loss(self) -> Tensor:
@@ -65,6 +68,9 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        # Attention hooks (see models/hooks.py): expert-sharded KV placement and the cache policy.
+        self.kv_sharding: AttentionHook | None = None
+        self.cache_policy: AttentionHook | None = None
         self.apply(self._init)
         # GPT-2 style: scale residual output projections by depth so the residual stream starts small.
         for name, p in self.named_parameters():
@@ -77,6 +83,14 @@ class Decoder(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
+
+    def set_cache_policy(self, policy: AttentionHook | None) -> None:
+        """Train / evaluate under a cache scheduling policy hook (None = full attention)."""
+        self.cache_policy = policy
+
+    def set_kv_sharding(self, sharding: AttentionHook | None) -> None:
+        """Place keys in expert shards and read them through routing (None = unsharded)."""
+        self.kv_sharding = sharding
 
     @property
     def is_moe(self) -> bool:
@@ -117,14 +131,18 @@ class Decoder(nn.Module):
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         cos, sin = self.rotary(positions.clamp_min(0))
         x = self.embed(input_ids)
-        routing = []
+        routing, by_layer, stats = [], {}, {}
+        hooks = [h for h in (self.kv_sharding, self.cache_policy) if h is not None] if cache is None else []
         for i, block in enumerate(self.blocks):
+            ctx = AttentionContext(layer_idx=i, positions=positions, routing_by_layer=by_layer, stats=stats)
             x, r = block(
-                x, cos, sin, cache=cache, layer_idx=i, positions=positions, mask=None if masks is None else masks[i]
+                x, cos, sin, cache=cache, layer_idx=i, positions=positions,
+                mask=None if masks is None else masks[i], hooks=hooks, ctx=ctx,
             )
             if r is not None:
                 routing.append(r)
-        return DecoderOutput(hidden=self.norm(x), routing=routing)
+                by_layer[i] = r
+        return DecoderOutput(hidden=self.norm(x), routing=routing, stats=stats)
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active=True`` counts only top_k of the routed experts per layer."""

@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
+from pikv_train.cache.config import CacheConfig, build_policy
+from pikv_train.cache.sharding import ShardingConfig, build_sharding
 from pikv_train.distill import chunked_distill_loss
 from pikv_train.models.config import ModelConfig, MoEConfig
 from pikv_train.models.decoder import Decoder
@@ -60,6 +62,8 @@ class DistillationTask(TaskBase):
         teacher: where to load the frozen teacher from.
         loss: the distillation objective.
         optim: optimizer and schedule for the student.
+        cache: the KV cache policy the student trains and validates under (the teacher never uses one).
+        kv_sharding: expert-sharded KV placement for the student (default: off).
     """
 
     def __init__(
@@ -68,10 +72,14 @@ class DistillationTask(TaskBase):
         teacher: TeacherConfig = TeacherConfig(),
         loss: DistillLossConfig = DistillLossConfig(),
         optim: OptimConfig = OptimConfig(),
+        cache: CacheConfig = CacheConfig(),
+        kv_sharding: ShardingConfig = ShardingConfig(),
     ):
         super().__init__()
         self.save_hyperparameters()
         self.student = Decoder(as_config(ModelConfig, student))
+        self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))
+        self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache)))
         self.teacher: Decoder | None = None
         self.teacher_cfg = as_config(TeacherConfig, teacher)
         self.loss_cfg = as_config(DistillLossConfig, loss)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pikv_train.cache.config import CacheConfig, build_policy
+from pikv_train.cache.sharding import ShardingConfig, build_sharding
 from pikv_train.distill import chunked_cross_entropy
 from pikv_train.models.config import ModelConfig
 from pikv_train.models.decoder import Decoder
@@ -18,12 +20,23 @@ class LanguageModelTask(TaskBase):
         model: the decoder architecture (dense for teachers, ``moe`` set for a PiKV student).
         optim: optimizer and schedule.
         chunk_size: tokens per chunk of the fused LM head + cross-entropy (no full (N, V) logits).
+        cache: the KV cache policy the model trains and validates under (default: full attention).
+        kv_sharding: expert-sharded KV placement (MoE models; default: off).
     """
 
-    def __init__(self, model: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(), chunk_size: int = 2048):
+    def __init__(
+        self,
+        model: ModelConfig = ModelConfig(),
+        optim: OptimConfig = OptimConfig(),
+        chunk_size: int = 2048,
+        cache: CacheConfig = CacheConfig(),
+        kv_sharding: ShardingConfig = ShardingConfig(),
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model = Decoder(as_config(ModelConfig, model))
+        self.model.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.model.cfg))
+        self.model.set_cache_policy(build_policy(as_config(CacheConfig, cache)))
         self.optim_cfg = as_config(OptimConfig, optim)
         self.chunk_size = chunk_size
 

@@ -15,7 +15,10 @@ def _safe_globals() -> list:
     from pikv_train.routing.base import RouterConfig
     from pikv_train.tasks.base import OptimConfig
 
-    extra = [ModelConfig, MoEConfig, RouterConfig, OptimConfig]
+    from pikv_train.cache.config import CacheConfig
+    from pikv_train.cache.sharding import ShardingConfig
+
+    extra = [ModelConfig, MoEConfig, RouterConfig, OptimConfig, CacheConfig, ShardingConfig]
     try:
         from pikv_train.tasks.distill import DistillLossConfig
         from pikv_train.tasks.teacher import TeacherConfig
