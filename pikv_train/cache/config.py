@@ -1,25 +1,134 @@
-"""Typed cache-policy settings (``cache:`` in recipes) and the factory that builds the policy hook."""
+"""Typed cache-policy settings (``cache:`` in recipes) and the factory that builds the policy hook.
+
+Every policy parameter is a field here with its published default, so ``--print_config=comments``
+documents the whole policy space. Fields of policies other than the selected one are ignored.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
+from pikv_train.errors import ConfigError
+
 PolicyName = Literal["full", "h2o", "streaming_llm", "quest", "flexgen", "lru", "lru_plus", "ada_kv", "duo_attention"]
+POLICIES = ("full", "h2o", "streaming_llm", "quest", "flexgen", "lru", "lru_plus", "ada_kv", "duo_attention")
 
 
 @dataclass
 class CacheConfig:
-    """Which cache scheduling policy the model trains and decodes under, and its budget."""
+    """Which cache scheduling policy the model trains and decodes under, its budget and its parameters."""
 
     policy: PolicyName = "full"
     """full | h2o | streaming_llm | quest | flexgen | lru | lru_plus | ada_kv | duo_attention."""
     budget: float = 1.0
-    """Keys each query may read: a fraction of the sequence (<= 1) or a token count (> 1)."""
+    """Keys each query may read, per layer and kv-head: a fraction of the sequence (0 < b <= 1) or a
+    token count (an integer > 1). For FlexGen it is the part of the cache kept in device memory."""
+    reference_len: int | None = None
+    """Sequence length a fractional budget refers to in the inference cache (default: the length of the
+    last training/evaluation forward; pass ``seq_len`` to ``new_cache`` to override)."""
+
+    # -- shared by the policies with sinks (StreamingLLM, LRU, LRU+, DuoAttention streaming heads)
+    n_sink: int = 4
+    """Attention-sink tokens always kept (StreamingLLM's start_size=4)."""
+
+    # -- chunk-sequential eviction (H2O, LRU, LRU+) and AdaKV's re-selection cadence
+    chunk_size: int = 32
+    """C: eviction decisions are taken every C tokens (capped at the recent window so every key is a
+    candidate before it leaves the window); C = 1 is per-token H2O/LRU."""
+    heavy_ratio: float = 0.1
+    """H2O heavy-hitter share (H2O's heavy_ratio 10%); with recent_ratio it splits the budget."""
+    recent_ratio: float = 0.1
+    """H2O/LRU/LRU+ recent-window share (10%): recent window = budget * recent / (heavy + recent)."""
+
+    # -- LRU / LRU+
+    lru_threshold: float = 0.05
+    """tau: query s 'uses' key j when its attention A[s, j] >= tau."""
+    lru_top_m: int = 4
+    """... or when j is among the top-m keys of row s (0 disables the top-m rule)."""
+    lru_plus_weights: tuple[float, float, float] = (0.3, 0.3, 0.4)
+    """LRU+ score weights (recency, frequency, importance), each term normalised to [0, 1]."""
+
+    # -- Quest
+    page_size: int = 16
+    """Quest page (chunk) size in tokens; each page keeps per-channel key min/max."""
+    quest_dense_layers: int = 2
+    """Quest leaves the first layers dense (2 in the paper's code)."""
+
+    # -- AdaKV (+ SnapKV window scores)
+    ada_alpha: float = 0.2
+    """AdaKV safeguard floor: each head first keeps its best alpha * budget keys (kvpress: 0.2)."""
+    snap_window: int = 32
+    """SnapKV observation window: the last w queries score the keys (and stay as the recent window)."""
+    snap_kernel: int = 7
+    """SnapKV max-pool kernel over key positions (paper configs: 7)."""
+
+    # -- DuoAttention
+    duo_gate_init: float = 1.0
+    """Initial gate of every kv-head (1 = retrieval/full; DuoAttention starts from full attention)."""
+    duo_l1_weight: float = 0.05
+    """L1 penalty weight on the gates (DuoAttention reg_weight 0.05); exported as cache/l1_penalty."""
+    duo_threshold: float = 0.5
+    """At inference (eval mode) heads with gate >= threshold keep the full cache, the others stream."""
+    duo_hard: bool = False
+    """Use thresholded (hard) gates in training too (exact with the inference cache)."""
+
+    # -- FlexGen
+    offload_device: str = "cpu"
+    """Where FlexGen places the part of the KV cache that exceeds the device budget."""
+    sparse_top_k: int = 0
+    """FlexGen attn_sparsity: keep the top-k post-softmax probabilities per query, not renormalised (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        b = self.budget
+        if not (b > 0) or (b > 1 and float(b) != int(b)):
+            raise ConfigError(
+                f"cache.budget={b} is out of range; use a fraction in (0, 1] or a whole token count > 1"
+            )
+        if self.n_sink < 0 or self.chunk_size < 1 or self.page_size < 1 or self.snap_window < 1:
+            raise ConfigError("cache.n_sink must be >= 0 and cache.chunk_size, page_size, snap_window >= 1")
+        if not 0 <= self.ada_alpha <= 1:
+            raise ConfigError(f"cache.ada_alpha={self.ada_alpha} must lie in [0, 1]")
+        if self.heavy_ratio < 0 or self.recent_ratio <= 0:
+            raise ConfigError("cache.recent_ratio must be > 0 and cache.heavy_ratio >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown cache settings {sorted(unknown)}; valid keys: {sorted(names)}")
+        d = dict(d)
+        if "lru_plus_weights" in d:
+            d["lru_plus_weights"] = tuple(d["lru_plus_weights"])
+        return cls(**d)
 
 
-def build_policy(cfg: CacheConfig | None):
-    """The policy hook for ``cfg`` (None for ``full``)."""
+def build_policy(cfg: CacheConfig | dict | None, model_cfg=None):
+    """The policy hook for ``cfg`` (None for ``full``).
+
+    Args:
+        model_cfg: the decoder's ModelConfig; required by ``duo_attention`` (its gates are one parameter
+            per layer and kv-head).
+    """
+    if isinstance(cfg, dict):
+        cfg = CacheConfig.from_dict(cfg)
     if cfg is None or cfg.policy == "full":
         return None
-    raise NotImplementedError(f"cache policy {cfg.policy!r} is not implemented yet")
+    from pikv_train.cache import policies as P
+
+    cls = {
+        "h2o": P.H2OScheduler,
+        "streaming_llm": P.StreamingLLMScheduler,
+        "quest": P.QuestScheduler,
+        "flexgen": P.FlexGenScheduler,
+        "lru": P.LRUScheduler,
+        "lru_plus": P.LRUPlusScheduler,
+        "ada_kv": P.AdaKVScheduler,
+        "duo_attention": P.DuoAttentionScheduler,
+    }[cfg.policy]
+    if cfg.policy == "duo_attention":
+        return cls(cfg, model_cfg)
+    return cls(cfg)

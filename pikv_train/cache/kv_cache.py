@@ -31,6 +31,16 @@ class KVCache:
         """Bytes held by keys and values over all layers."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
+    def rollback(self, keep_until: Tensor) -> None:
+        """Hide every cached key whose position is beyond ``keep_until`` (B,) in its row.
+
+        Used by speculative sampling to discard rejected proposals; the slots stay allocated but are
+        never read again (their position becomes -1, which every mask treats as padding).
+        """
+        for i, kp in enumerate(self.key_pos):
+            if kp is not None:
+                self.key_pos[i] = torch.where(kp > keep_until[:, None], torch.full_like(kp, -1), kp)
+
     def update(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Append new keys/values and return what the new queries may read.
 

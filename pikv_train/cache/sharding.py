@@ -1,20 +1,185 @@
-"""Expert-sharded KV cache settings (SPEC §3) and the factory that builds the sharding hook."""
+"""Expert-sharded KV placement (SPEC §3): settings, the shared visibility rule and the training hook.
+
+Each sharded layer's KV cache is split into ``n_shards`` shards (default one per expert; expert ``e``
+lives in shard ``e % n_shards``). Token j's key/value is placed in the shards ``S_j`` of the experts it was
+routed to by the MoE router of the **previous** layer (attention of layer l runs before layer l's MoE, so
+layer l's own routing of token j does not exist yet when its key is written). Layer 0 has no previous
+router and is never sharded. Query t reads the shards ``R_t`` plus the first ``n_sink`` positions and a
+local window of the ``window`` most recent positions (itself included):
+
+    visible[t, j] = (j <= t) and (S_j ∩ R_t != ∅  or  j < n_sink  or  t - j < window)
+
+``S_j`` uses the *valid* (not capacity-dropped) expert ids of layer l-1, so with PiKVRouter or
+AdaptiveRouter a token with a smaller k occupies fewer shards. ``R_t`` (``read_mode``):
+
+* ``by_routing``: the query's own valid expert ids from layer l-1 (the same shards it is written to).
+  One mask per sequence, shared by every kv-head.
+* ``by_score`` (MoBA-style): per kv-head, the ``read_shards`` shards with the largest
+  ``q̄_t · mean{k_j : j <= t, shard in S_j}``, where ``q̄_t`` is the sum of the group's query heads
+  (GQA) for token t, and the mean key runs over all keys of the shard up to and including t (causal).
+  Empty shards score -inf. Ties go to the lower shard index.
+
+Both are causal: row t depends on routing / keys of positions <= t only.
+
+The inference side (per-shard storage) is :class:`pikv_train.cache.sharded_cache.ShardedKVCache`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pikv_train.models.hooks import AttentionContext, AttentionHook
 
 
 @dataclass
 class ShardingConfig:
-    """Expert-sharded KV placement: each key lives in the shards of its routed experts."""
+    """Expert-sharded KV placement: each key lives in the shards of its routed experts (SPEC §3)."""
 
     enabled: bool = False
-    """Turn sharded KV placement on."""
+    """Turn sharded KV placement on (MoE students only)."""
+    n_shards: int | None = None
+    """Shards per layer; None = one per expert. Expert e is stored in shard e % n_shards."""
+    n_sink: int = 4
+    """The first n_sink positions are always readable (attention sinks)."""
+    window: int = 16
+    """Local window w: keys with t - j < w are always readable (w >= 1 keeps the diagonal)."""
+    read_mode: Literal["by_routing", "by_score"] = "by_routing"
+    """How a query picks its shards R_t: its own layer l-1 experts (by_routing) or the top shards by
+    q_t · mean key of the shard over keys <= t (by_score, MoBA-style)."""
+    read_shards: int | None = None
+    """by_score only: shards read per query; None = the router's top_k."""
 
 
-def build_sharding(cfg: ShardingConfig | None, model_cfg):
+def _check(cfg: ShardingConfig, n_experts: int) -> int:
+    n_shards = cfg.n_shards or n_experts
+    if not 1 <= n_shards <= n_experts:
+        raise ValueError(f"kv_sharding.n_shards={cfg.n_shards} must be between 1 and n_experts={n_experts}")
+    if cfg.window < 1:
+        raise ValueError(f"kv_sharding.window={cfg.window} must be >= 1 (a query must see itself)")
+    if cfg.n_sink < 0:
+        raise ValueError(f"kv_sharding.n_sink={cfg.n_sink} must be >= 0")
+    if cfg.read_mode not in ("by_routing", "by_score"):
+        raise ValueError(f"kv_sharding.read_mode must be 'by_routing' or 'by_score', got {cfg.read_mode!r}")
+    if cfg.read_shards is not None and not 1 <= cfg.read_shards <= n_shards:
+        raise ValueError(f"kv_sharding.read_shards={cfg.read_shards} must be between 1 and n_shards={n_shards}")
+    return n_shards
+
+
+def shard_membership(ids: Tensor, valid: Tensor, n_shards: int) -> Tensor:
+    """Shards each token is stored in: (..., K) expert ids + validity -> (..., n_shards) bool."""
+    shard = ids % n_shards
+    # One extra "trash" column absorbs invalid slots, then is dropped.
+    tgt = torch.where(valid, shard, torch.full_like(shard, n_shards))
+    member = torch.zeros(*shard.shape[:-1], n_shards + 1, dtype=torch.bool, device=shard.device)
+    member.scatter_(-1, tgt, True)
+    return member[..., :n_shards]
+
+
+def top_shards(scores: Tensor, n_read: int) -> Tensor:
+    """(..., S) shard scores -> (..., S) bool, True on the ``n_read`` best (ties to the lower index)."""
+    s = scores.shape[-1]
+    # A stable descending sort keeps equal scores in index order: ties go to the lower index.
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    return chosen.scatter_(-1, order[..., :n_read], True) if n_read < s else torch.ones_like(chosen)
+
+
+def shard_scores(q_group: Tensor, key_sum: Tensor, key_cnt: Tensor) -> Tensor:
+    """MoBA-style shard scores ``q̄ · (key_sum / count)``; empty shards get -inf.
+
+    Args:
+        q_group: (B, H_kv, T, hd) group-summed queries.
+        key_sum: (B, H_kv, T, S, hd) causal per-shard key sums (keys <= t).
+        key_cnt: (B, T, S) causal per-shard key counts.
+    Returns:
+        (B, H_kv, T, S) fp32 scores.
+    """
+    mean = key_sum / key_cnt.clamp_min(1)[:, None, :, :, None].to(key_sum.dtype)
+    sc = torch.einsum("bhtd,bhtsd->bhts", q_group.float(), mean.float())
+    return sc.masked_fill((key_cnt == 0)[:, None], float("-inf"))
+
+
+def group_queries(q: Tensor, n_kv_head: int) -> Tensor:
+    """(B, H, T, hd) -> (B, H_kv, T, hd): sum of the query heads that share each kv-head."""
+    b, h, t, hd = q.shape
+    return q.float().view(b, n_kv_head, h // n_kv_head, t, hd).sum(2)
+
+
+class ExpertShardedKV(AttentionHook):
+    """Training-forward hook: the SPEC §3 visibility mask from layer l-1 routing (see module docstring).
+
+    Adds to ``ctx.stats``: ``router/kv_read_fraction`` (mean over sharded layers, queries and kv-heads of
+    visible keys / causal keys) and ``router/kv_bytes_per_token`` (K/V bytes a sharded cache stores per
+    token over all layers: one copy per shard of S_j on sharded layers, one copy on unsharded layers;
+    sinks and window copies of the inference cache are bounded and not counted here).
+    """
+
+    def __init__(self, cfg: ShardingConfig, n_experts: int, top_k: int, n_kv_head: int, head_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts = n_experts
+        self.n_shards = _check(cfg, n_experts)
+        self.n_read = cfg.read_shards or min(top_k, self.n_shards)
+        self.n_kv_head = n_kv_head
+        self.head_dim = head_dim
+
+    def new_cache(self, n_layer: int):
+        """An inference cache implementing the same rule with per-shard storage."""
+        from pikv_train.cache.sharded_cache import ShardedKVCache
+
+        return ShardedKVCache(n_layer, self.cfg, self.n_experts, self.n_read)
+
+    def cache_factory(self):
+        """``generate(..., cache_factory=hook.cache_factory())``."""
+        return self.new_cache
+
+    def _bytes_per_layer(self, k: Tensor) -> float:
+        return 2.0 * k.shape[1] * k.shape[-1] * k.element_size()
+
+    def training_mask(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> Tensor | None:
+        prev = ctx.routing_by_layer.get(ctx.layer_idx - 1)
+        stats = ctx.stats
+        per_tok = self._bytes_per_layer(k)
+        if prev is None:  # layer 0 (or after a dense layer): unsharded, one copy per token
+            stats["router/kv_bytes_per_token"] = stats.get("router/kv_bytes_per_token", 0.0) + per_tok
+            return None
+        b, _, t, _ = k.shape
+        with torch.no_grad():
+            member = shard_membership(prev.ids, prev.valid, self.n_shards).view(b, t, self.n_shards)
+            pos = ctx.positions
+            qp, kp = pos[:, :, None], pos[:, None, :]
+            causal = (kp <= qp) & (kp >= 0)
+            always = (kp < self.cfg.n_sink) | (qp - kp < self.cfg.window)  # (B, T, T)
+            if self.cfg.read_mode == "by_routing":
+                hit = torch.einsum("bts,bjs->btj", member.float(), member.float()) > 0
+                mask = (causal & (hit | always))[:, None]  # (B, 1, T, T)
+            else:
+                key_sum = torch.einsum("bjs,bhjd->bhjsd", member.float(), k.float()).cumsum(2)  # (B, H_kv, T, S, hd)
+                key_cnt = member.long().cumsum(1)  # (B, T, S)
+                reads = top_shards(shard_scores(group_queries(q, self.n_kv_head), key_sum, key_cnt), self.n_read)
+                hit = torch.einsum("bhts,bjs->bhtj", reads.float(), member.float()) > 0
+                mask = (causal & always)[:, None] | (causal[:, None] & hit)  # (B, H_kv, T, T)
+            n_causal = causal.sum(-1).clamp_min(1)[:, None]  # (B, 1, T)
+            frac = (mask.sum(-1) / n_causal).mean()
+            n = stats.get("_kv_sharded_layers", 0)
+            old = stats.get("router/kv_read_fraction", frac.new_zeros(()))
+            stats["router/kv_read_fraction"] = (old * n + frac) / (n + 1)
+            stats["_kv_sharded_layers"] = n + 1
+            copies = member.float().sum(-1).mean()
+            stats["router/kv_bytes_per_token"] = stats.get("router/kv_bytes_per_token", 0.0) + copies * per_tok
+        return mask
+
+
+def build_sharding(cfg: ShardingConfig | None, model_cfg) -> ExpertShardedKV | None:
     """The sharding hook for ``cfg`` (None when disabled)."""
     if cfg is None or not cfg.enabled:
         return None
-    raise NotImplementedError("expert-sharded KV is not implemented yet")
+    if model_cfg.moe is None:
+        raise ValueError("kv_sharding.enabled needs an MoE model (model.moe is not set)")
+    return ExpertShardedKV(
+        cfg, model_cfg.moe.n_experts, model_cfg.moe.router.top_k, model_cfg.n_kv_head, model_cfg.head_dim
+    )

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pikv_train.data.corpus import embedded_documents
+from pikv_train.data.prompts import PromptCollator, PromptDataset, windows_from_stream
 from pikv_train.data.tokenizer import Tokenizer, build_tokenizer
 
 _FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -62,6 +63,12 @@ class TextDataModule(L.LightningDataModule):
         max_documents: use only the first N rows (after loading, before splitting).
         num_workers: DataLoader workers.
         shuffle_seed: seed of the training-order shuffle.
+        mode: ``packed`` (fixed windows over the concatenated stream) or ``prompts`` (prompt/response
+            examples for on-policy objectives; text rows are cut into prompt_len + response_len windows).
+        prompt_len / response_len: in ``prompts`` mode, the prompt is cut to its last prompt_len tokens and
+            the reference response to its first response_len tokens.
+        student_response_field: in ``prompts`` mode, a column with a second (student) response for
+            DistiLLM-2 read from data (e.g. ``rejected`` beside ``chosen``).
     """
 
     def __init__(
@@ -79,11 +86,17 @@ class TextDataModule(L.LightningDataModule):
         max_documents: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int = 0,
+        mode: Literal["packed", "prompts"] = "packed",
+        prompt_len: int = 64,
+        response_len: int = 64,
+        student_response_field: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if student_response_field and not prompt_field:
+            raise ConfigError("data.student_response_field needs data.prompt_field and data.response_field")
         if (prompt_field is None) != (response_field is None):
             raise ConfigError("set both data.prompt_field and data.response_field, or neither")
         if path is not None and format != "hub" and not Path(path).exists():
@@ -91,8 +104,8 @@ class TextDataModule(L.LightningDataModule):
                 f"data file not found: {path!r}; fix data.path, or remove it to use the embedded corpus"
             )
         self.tokenizer: Tokenizer = build_tokenizer(tokenizer)
-        self.train_set: PackedDataset | None = None
-        self.val_set: PackedDataset | None = None
+        self.train_set: PackedDataset | PromptDataset | None = None
+        self.val_set: PackedDataset | PromptDataset | None = None
         self.val_rows: list[dict] = []
 
     # ---------------------------------------------------------------- loading
@@ -163,14 +176,40 @@ class TextDataModule(L.LightningDataModule):
             return np.zeros(0, np.int32), np.zeros(0, bool)
         return np.concatenate([np.asarray(t, np.int32) for t in toks]), np.concatenate(masks)
 
+    def examples(self, rows: list[dict]) -> list[dict]:
+        """Prompt/response examples (``prompts`` mode)."""
+        hp, tok = self.hparams, self.tokenizer
+        as_t = lambda ids: torch.tensor(ids, dtype=torch.long)  # noqa: E731
+        if not hp.prompt_field:
+            tokens, ends = [], []
+            for r in rows:
+                tokens += tok.encode(str(r[hp.text_field])) + [tok.eos_id]
+                ends.append(len(tokens))
+            return windows_from_stream(as_t(tokens), ends, hp.prompt_len, hp.response_len)
+        out = []
+        for r in rows:
+            ex = {
+                "prompt": as_t(tok.encode(str(r[hp.prompt_field]))[-hp.prompt_len :] or [tok.eos_id]),
+                "response": as_t((tok.encode(str(r[hp.response_field])) + [tok.eos_id])[: hp.response_len]),
+            }
+            if hp.student_response_field:
+                ex["student_response"] = as_t(
+                    (tok.encode(str(r[hp.student_response_field])) + [tok.eos_id])[: hp.response_len]
+                )
+            out.append(ex)
+        return out
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         rows = self.load_rows()
         train_rows, val_rows = self.split_rows(rows)
         self.val_rows = val_rows
-        self.train_set = PackedDataset(*self.tokenize(train_rows), self.hparams.seq_len)
-        self.val_set = PackedDataset(*self.tokenize(val_rows), self.hparams.seq_len)
+        if self.hparams.mode == "prompts":
+            self.train_set, self.val_set = PromptDataset(self.examples(train_rows)), PromptDataset(self.examples(val_rows))
+        else:
+            self.train_set = PackedDataset(*self.tokenize(train_rows), self.hparams.seq_len)
+            self.val_set = PackedDataset(*self.tokenize(val_rows), self.hparams.seq_len)
         if len(self.train_set) == 0:
             raise DataError(
                 f"no training sequence of {self.hparams.seq_len + 1} tokens in {self.hparams.path or 'embedded corpus'!r}; "
@@ -186,14 +225,21 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.hparams.shuffle_seed)
         return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g,
+            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g, collate_fn=self.collate,
             # Full batches only (fixed shapes), unless the split is smaller than one batch.
             drop_last=len(self.train_set) >= self.hparams.batch_size,
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers)
+        return DataLoader(
+            self.val_set, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers,
+            collate_fn=self.collate,
+        )
+
+    @property
+    def collate(self):
+        return PromptCollator(self.tokenizer.pad_id) if self.hparams.mode == "prompts" else None
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -28,3 +28,13 @@ __all__ = [
     "chunked_cross_entropy",
     "DIVERGENCES",
 ]
+
+from .distillm import AdaptiveOffPolicySchedule, DistiLLMConfig  # noqa: E402
+from .distillm2 import DistiLLM2Config, beta_at  # noqa: E402
+from .replay import ReplayBuffer  # noqa: E402
+from .skd import SKDConfig, SKDResult, speculative_kd_sample  # noqa: E402
+
+__all__ += [
+    "AdaptiveOffPolicySchedule", "DistiLLMConfig", "DistiLLM2Config", "beta_at", "ReplayBuffer", "SKDConfig",
+    "SKDResult", "speculative_kd_sample",
+]

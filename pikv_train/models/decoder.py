@@ -142,6 +142,9 @@ class Decoder(nn.Module):
             if r is not None:
                 routing.append(r)
                 by_layer[i] = r
+                if cache is not None and hasattr(cache, "record_routing"):
+                    # Expert-sharded caches place the next layer's keys by this layer's routing.
+                    cache.record_routing(i, r)
         return DecoderOutput(hidden=self.norm(x), routing=routing, stats=stats)
 
     def num_parameters(self, active: bool = False) -> int:

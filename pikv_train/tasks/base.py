@@ -113,6 +113,19 @@ class TaskBase(L.LightningModule):
         for router, c in zip(routers, counts):
             router.on_after_optimizer_step(c)
 
+    def global_mean(self, total: Tensor, count: Tensor) -> Tensor:
+        """``total / count`` with the count summed over DDP ranks, so the gradient equals one big batch's.
+
+        DDP averages gradients over W ranks, hence the factor W. (Gradient accumulation divides by the
+        number of micro-batches; that equals the window mean exactly when micro-batches hold the same
+        number of loss tokens, which packed text always does.)
+        """
+        count = count.float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            n = self.trainer.strategy.reduce(count.detach().clone(), reduce_op="sum")
+            return total * self.trainer.world_size / n.clamp_min(1)
+        return total / count.clamp_min(1)
+
     @property
     def student_model(self) -> Decoder:
         raise NotImplementedError
@@ -127,6 +140,7 @@ class TaskBase(L.LightningModule):
         if self.val_nll.update_count == 0:
             return
         mean = self.val_nll.compute()  # token-weighted mean, synchronised across ranks by torchmetrics
+        self.last_eval_loss = float(mean)
         self.log(f"{prefix}/loss", mean)
         self.log(f"{prefix}/ppl", torch.exp(mean))
         self.val_nll.reset()

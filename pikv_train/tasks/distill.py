@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pikv_train.errors import ConfigError
 
+import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +19,16 @@ from torchmetrics import MeanMetric, SumMetric
 
 from pikv_train.cache.config import CacheConfig, build_policy
 from pikv_train.cache.sharding import ShardingConfig, build_sharding
-from pikv_train.distill import chunked_distill_loss
+from pikv_train.distill import (
+    AdaptiveOffPolicySchedule,
+    DistiLLM2Config,
+    DistiLLMConfig,
+    ReplayBuffer,
+    SKDConfig,
+    chunked_distill_loss,
+    sequence_mean_weights,
+)
+from pikv_train.tasks.onpolicy import _as_rng_state, distillm2_loss, distillm_batch, skd_batch
 from pikv_train.models.config import ModelConfig, MoEConfig
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
@@ -64,6 +74,11 @@ class DistillationTask(TaskBase):
         optim: optimizer and schedule for the student.
         cache: the KV cache policy the student trains and validates under (the teacher never uses one).
         kv_sharding: expert-sharded KV placement for the student (default: off).
+        objective: ``kd`` (divergence on the data's tokens), ``distillm`` (SKL/SRKL + adaptive student
+            generations and replay), ``distillm2`` (teacher/student response pairs), ``skd`` (speculative
+            KD interleaved sampling, then forward KL). The last three need ``data.mode: prompts``.
+        distillm / distillm2 / skd: settings of those objectives.
+        seed: seed of the sampler's random streams (source choice, replay, generation).
     """
 
     def __init__(
@@ -74,9 +89,22 @@ class DistillationTask(TaskBase):
         optim: OptimConfig = OptimConfig(),
         cache: CacheConfig = CacheConfig(),
         kv_sharding: ShardingConfig = ShardingConfig(),
+        objective: Literal["kd", "distillm", "distillm2", "skd"] = "kd",
+        distillm: DistiLLMConfig = DistiLLMConfig(),
+        distillm2: DistiLLM2Config = DistiLLM2Config(),
+        skd: SKDConfig = SKDConfig(),
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.distillm_cfg = as_config(DistiLLMConfig, distillm)
+        self.distillm2_cfg = as_config(DistiLLM2Config, distillm2)
+        self.skd_cfg = as_config(SKDConfig, skd)
+        self.schedule = AdaptiveOffPolicySchedule(self.distillm_cfg)
+        self.replay = ReplayBuffer(self.distillm_cfg.capacity)
+        # Sampler randomness (source draws, replay picks, generation) has its own seeded streams.
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
         self.student = Decoder(as_config(ModelConfig, student))
         self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))
         self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache)))
@@ -114,6 +142,12 @@ class DistillationTask(TaskBase):
 
     def setup(self, stage: str) -> None:
         check_vocab(self.trainer, self.student.cfg.vocab_size, "student")
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.hparams.objective != "kd" and dm is not None and getattr(dm.hparams, "mode", "prompts") != "prompts":
+            raise ConfigError(
+                f"objective {self.hparams.objective!r} samples responses to prompts; set data.mode: prompts "
+                "(with data.prompt_len / data.response_len, or prompt/response fields)"
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -132,35 +166,60 @@ class DistillationTask(TaskBase):
         """(B, T, d_t) final hidden states of the frozen teacher."""
         return self.teacher(input_ids).hidden
 
-    def kd_losses(self, batch) -> tuple[torch.Tensor, dict, object]:
-        """Student forward + fused chunked KD/CE; returns (loss without router terms, parts, student out)."""
+    def divergence_loss(self, batch, divergence: str, *, sequence_mean: bool = False, ce_weight: float | None = None,
+                        **div_kw) -> tuple[torch.Tensor, dict, object]:
+        """Student forward + fused chunked divergence (+ CE) on ``batch``'s loss tokens.
+
+        Returns (loss normalised over the global batch, detached parts, student output). With
+        ``sequence_mean`` each sequence's tokens are averaged first, then sequences (DistiLLM-2, SKD).
+        """
         cfg = self.loss_cfg
         t_hidden = self.teacher_hidden(batch["input_ids"])
         out = self.student(batch["input_ids"])
-        mask = batch["loss_mask"].flatten().bool()
-        div_kw = {"beta": cfg.beta} if cfg.divergence == "jsd" else {"alpha": cfg.alpha} if cfg.divergence in ("skl", "srkl") else {}
-        loss, parts = chunked_distill_loss(
+        mask = batch["loss_mask"]
+        weights = sequence_mean_weights(mask).flatten() if sequence_mean else mask.flatten().bool()
+        total, parts = chunked_distill_loss(
             out.hidden.flatten(0, 1), self.student.head_weight,
             t_hidden.flatten(0, 1).to(out.hidden.dtype), self.teacher.head_weight.to(out.hidden.dtype),
-            mask=mask, divergence=cfg.divergence, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
-            t2_scale=cfg.t2_scale, targets=batch["targets"].flatten(), ce_weight=cfg.ce_weight,
-            kd_weight=cfg.kd_weight, return_parts=True, **div_kw,
+            mask=weights, divergence=divergence, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
+            t2_scale=cfg.t2_scale, targets=batch["targets"].flatten(),
+            ce_weight=cfg.ce_weight if ce_weight is None else ce_weight, kd_weight=cfg.kd_weight,
+            reduction="sum", return_parts=True, **div_kw,
         )
+        count = (mask.sum(1) > 0).sum() if sequence_mean else mask.sum()
+        loss = self.global_mean(total, count)
+        n = mask.sum().clamp_min(1)
+        parts = dict(parts, kd=parts["kd"] / (count.clamp_min(1)), ce=parts["ce"] / (count.clamp_min(1)),
+                     agreement=parts["top1_agree"].float() / n)
         return loss, parts, out
 
+    def _div_kwargs(self) -> dict:
+        cfg = self.loss_cfg
+        return {"beta": cfg.beta} if cfg.divergence == "jsd" else {"alpha": cfg.alpha} if cfg.divergence in ("skl", "srkl") else {}
+
     def training_step(self, batch, batch_idx):
-        loss, parts, out = self.kd_losses(batch)
-        router_loss = self.log_routing(out)
+        objective = self.hparams.objective
+        logs: dict[str, torch.Tensor | float] = {}
+        if objective == "kd":
+            loss, parts, out = self.divergence_loss(batch, self.loss_cfg.divergence, **self._div_kwargs())
+            outs = [out]
+        elif objective == "distillm":
+            batch, logs = distillm_batch(self, batch)
+            cfg = self.distillm_cfg
+            loss, parts, out = self.divergence_loss(batch, cfg.divergence, alpha=cfg.alpha, detach_mixture=False)
+            outs = [out]
+        elif objective == "distillm2":
+            loss, parts, outs, logs = distillm2_loss(self, batch)
+        else:  # skd
+            batch, logs = skd_batch(self, batch)
+            loss, parts, out = self.divergence_loss(batch, "fkl", sequence_mean=True)
+            outs = [out]
+        router_loss = sum(self.log_routing(o) for o in outs) / len(outs)
         total = loss + self.loss_cfg.router_loss_weight * router_loss
-        n = parts["n_tokens"].clamp_min(1)
         self.log_dict(
-            {
-                "train/loss": total.detach(),
-                "kd/loss": parts["kd"],
-                "kd/ce": parts["ce"],
-                "kd/agreement": parts["top1_agree"].float() / n,
-            },
-            on_step=True, prog_bar=False,
+            {"train/loss": total.detach(), "kd/loss": parts["kd"], "kd/ce": parts["ce"], "kd/agreement": parts["agreement"],
+             **{k: torch.as_tensor(v, dtype=torch.float32) for k, v in logs.items()}},
+            on_step=True,
         )
         self.log("train/kd", parts["kd"], prog_bar=True, on_step=True, logger=False)
         return total
@@ -185,6 +244,9 @@ class DistillationTask(TaskBase):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
+        if self.hparams.objective == "distillm" and not self.trainer.sanity_checking and hasattr(self, "last_eval_loss"):
+            if self.schedule.on_validation(self.last_eval_loss):
+                self.print(f"DistiLLM: validation loss rose by more than loss_eps; phi -> {self.schedule.phi:.2f}")
         if self.val_kd.update_count:
             self.log("val/kd", self.val_kd.compute())
             self.log("val/agreement", self.val_agree.compute() / self.val_count.compute().clamp_min(1))
@@ -200,3 +262,16 @@ class DistillationTask(TaskBase):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["pikv_model_config"] = self.student.cfg.to_dict()
         checkpoint["pikv_task"] = "distill"
+        # Sampler state, so a resumed run continues the same schedule (DistiLLM phi, replay buffer, RNGs).
+        checkpoint["pikv_sampler"] = {
+            "schedule": self.schedule.state_dict(), "replay": self.replay.state_dict(),
+            "rng": self.rng.getstate(), "gen": self.gen.get_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("pikv_sampler")
+        if state:
+            self.schedule.load_state_dict(state["schedule"])
+            self.replay.load_state_dict(state["replay"])
+            self.rng.setstate(_as_rng_state(state["rng"]))
+            self.gen.set_state(state["gen"])

@@ -1,0 +1,131 @@
+"""AdaKV (Feng et al., 2024) over SnapKV window scores, re-selected every C tokens.
+
+Per layer the heads share one budget ``H_kv * budget``: a recent/observation window of ``w`` keys per
+head (w = min(snap_window, budget // 2)) plus ``H_kv * (budget - w)`` selected keys, of which each head
+first reserves its own top ``floor(alpha * (budget - w))`` (alpha = 0.2) and the rest go to the globally
+best (head, key) scores. The base scorer is SnapKV: the last w queries before the boundary s0
+(rows [s0 - w, s0), so C1 holds) attend over the candidate keys (softmax over the candidates they can
+see, mean over the query heads of the group), summed over the window and max-pooled over key
+positions (kernel 7). Candidates: the previous selection plus the window keys; a key not selected
+leaves when it exits the window and never returns.
+
+Exact at chunk boundaries: the inference cache keeps the last w queries and takes the same decision
+from the keys it really stores, so decoding equals the masked parallel forward. Heads keep different
+numbers of keys (no fake keys: per-head storage).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
+
+
+def _pool(x, kernel):
+    return F.max_pool1d(x.unsqueeze(-2), kernel, stride=1, padding=kernel // 2).squeeze(-2) if kernel > 1 else x
+
+
+def ada_select(score, floor: int, total: int, tiebreak):
+    """score (..., H_kv, S) with -inf outside candidates -> bool keep: per-head floor + global rest."""
+    hkv, s = score.shape[-2:]
+    head_tb = tiebreak * hkv + torch.arange(hkv, device=score.device, dtype=tiebreak.dtype)[:, None]
+    first = top_n_mask(score, floor, head_tb) if floor > 0 else torch.zeros_like(score, dtype=torch.bool)
+    left = total - first.flatten(-2).sum(-1, keepdim=True)
+    rest = top_n_mask(score.masked_fill(first, float("-inf")).flatten(-2), left, head_tb.expand_as(score).flatten(-2))
+    return first | rest.view_as(first)
+
+
+class AdaKVCache(PolicyCache):
+    def new_state(self, layer_idx, h, k):
+        st = super().new_state(layer_idx, h, k)
+        st.update(keep=torch.zeros(0, dtype=torch.bool, device=k.device), qwin=None)
+        return st
+
+    def _step_b(self, layer_idx, states, qb, k_all, p_all, n_old):
+        pol = self.policy
+        w, hh, c, floor = pol.sizes(self.budget)
+        hkv = len(states)
+        dev = qb.device
+        n_new = qb.shape[2]
+        idx = [torch.arange(n, device=dev) for n in n_old]  # stored keys' index into k_all
+        keep = [st["keep"] for st in states]
+        rows = [torch.zeros(n_new, len(p), dtype=torch.bool, device=dev) for p in p_all]
+        for r in range(n_new):
+            t = int(p_all[0][n_old[0] + r])
+            if t > 0 and t % c == 0:  # boundary: SnapKV scores of the stored keys, AdaKV allocation
+                scores = torch.full((hkv, t), float("-inf"), dtype=torch.float64, device=dev)
+                for h, st in enumerate(states):
+                    pos = p_all[h][idx[h]]
+                    qw, qpos = st["qwin"]
+                    logits = qw.double() @ k_all[h][idx[h]].double().t() / math.sqrt(qw.shape[-1])  # (g, nw, S)
+                    p = logits.masked_fill(pos[None] > qpos[:, None], float("-inf")).softmax(-1).mean(0).sum(0)
+                    grid = torch.zeros(t, dtype=torch.float64, device=dev).index_copy(0, pos, p)
+                    scores[h, pos] = _pool(grid[None], pol.cfg.snap_kernel)[0, pos]
+                sel = ada_select(scores, floor, hkv * hh, torch.arange(t, device=dev, dtype=torch.float64))
+                keep = [sel[h, p_all[h][idx[h]]] for h in range(hkv)]
+            for h, st in enumerate(states):
+                idx[h] = torch.cat([idx[h], torch.tensor([n_old[h] + r], device=dev)])
+                keep[h] = torch.cat([keep[h], torch.zeros(1, dtype=torch.bool, device=dev)])
+                vis = keep[h] | (t - p_all[h][idx[h]] < w)
+                idx[h], keep[h] = idx[h][vis], keep[h][vis]
+                rows[h][r, idx[h]] = True
+                qn = qb[h][:, r: r + 1]  # (g, 1, hd)
+                pn = torch.tensor([t], device=dev)
+                if st["qwin"] is None:
+                    st["qwin"] = (qn, pn)
+                else:
+                    st["qwin"] = (torch.cat([st["qwin"][0], qn], 1)[:, -w:], torch.cat([st["qwin"][1], pn])[-w:])
+        keeps = []
+        for h, st in enumerate(states):
+            kp = torch.zeros(len(p_all[h]), dtype=torch.bool, device=dev)
+            kp[idx[h]] = True
+            keeps.append(kp)
+            st["keep"] = keep[h]
+        return rows, keeps
+
+
+class AdaKVScheduler(CachePolicy):
+    """Adaptive per-head budgets (layer budget shared by heads, floor alpha) with SnapKV scores."""
+
+    cache_cls = AdaKVCache
+
+    def sizes(self, budget: int) -> tuple[int, int, int, int]:
+        """(window w, selected per head on average, chunk C, per-head floor)."""
+        w = max(1, min(self.cfg.snap_window, budget // 2))
+        hh = budget - w
+        return w, hh, max(1, min(self.cfg.chunk_size, w)), int(self.cfg.ada_alpha * hh)
+
+    @torch.no_grad()
+    def keep_per_chunk(self, q, k, budget):
+        b, hkv, t, hd = k.shape
+        w, hh, c, floor = self.sizes(budget)
+        n_c = -(-t // c)
+        qg = q.double().view(b, hkv, q.shape[1] // hkv, t, hd)
+        kd = k.double()
+        j = torch.arange(t, device=q.device)
+        keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=q.device)
+        out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=q.device)
+        for ci in range(1, n_c):
+            s0 = ci * c
+            cand = keep | ((j >= s0 - w) & (j < s0))
+            wr = j[max(0, s0 - w): s0]
+            logits = qg[:, :, :, wr] @ kd[:, :, None].transpose(-1, -2) / math.sqrt(hd)  # (B, H_kv, g, nw, T)
+            vis = cand[:, :, None, None, :] & (j[None] <= wr[:, None])
+            p = logits.masked_fill(~vis, float("-inf")).softmax(-1).mean(2).sum(2)  # (B, H_kv, T)
+            sc = _pool(p, self.cfg.snap_kernel).masked_fill(~cand, float("-inf"))
+            keep = ada_select(sc, floor, hkv * hh, j.double())
+            out[:, :, ci] = keep
+        return out, (w, c)
+
+    def mask(self, q, k, ctx, budget):
+        t = q.shape[2]
+        keep_c, (w, c) = self.keep_per_chunk(q, k, budget)
+        i = torch.arange(t, device=q.device)
+        return causal_mask(t, q.device) & ((i[:, None] - i[None] < w) | keep_c[:, :, i // c])
+
+    def mask_mod(self, q, k, ctx, budget):
+        keep_c, (w, c) = self.keep_per_chunk(q, k, budget)
+        return lambda b, h, qi, ki: (qi - ki < w) | keep_c[b, h, qi // c, ki]

@@ -1,0 +1,95 @@
+"""Quest (Tang et al., 2024): query-aware page selection, nothing evicted.
+
+Keys are grouped in pages of ``page_size`` (16) tokens with per-channel min ``m_P`` and max ``M_P``.
+Query q reads the ``K - 1`` complete earlier pages with the largest upper bound
+``U(q, P) = sum_i max(q_i m_P,i, q_i M_P,i)`` plus its own (partial) page, K = budget // page_size, so
+at most ``budget`` keys. Page bounds use only complete pages (all keys < t), hence causal. Under GQA
+the bound is summed over the query heads of a kv-head (one selection per kv-head). The first
+``quest_dense_layers`` (2) layers stay dense, as in the paper's code. Exact: the inference cache keeps
+every key and selects the same pages, so decoding equals the masked parallel forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
+from pikv_train.errors import ConfigError
+
+
+def _pages_k(budget: int, page: int) -> int:
+    if budget < page:
+        raise ConfigError(
+            f"Quest needs a budget of at least one page: budget={budget} tokens < cache.page_size={page}; "
+            "lower cache.page_size or raise cache.budget"
+        )
+    return budget // page
+
+
+def page_bounds(q, mn, mx):
+    """q (..., g, Tq, hd); mn/mx (..., nP, hd) -> (..., Tq, nP) upper bound summed over the g query heads."""
+    u = F.relu(q) @ mx.unsqueeze(-3).transpose(-1, -2) + q.clamp_max(0) @ mn.unsqueeze(-3).transpose(-1, -2)
+    return u.sum(-3)
+
+
+class QuestCache(PolicyCache):
+    evicts = False
+
+    def _step(self, layer_idx, h, st, q, k_all, p_all, n_old):
+        t = p_all[n_old:]
+        rows = p_all[None] <= t[:, None]
+        keep = torch.ones_like(p_all, dtype=torch.bool)
+        if layer_idx < self.policy.cfg.quest_dense_layers:
+            return rows, keep
+        page = self.policy.cfg.page_size
+        n_sel = _pages_k(self.budget, page) - 1
+        for r, tr in enumerate(t.tolist()):
+            cur = tr // page
+            if cur <= n_sel:  # few enough earlier pages: all read
+                continue
+            kp = k_all[: cur * page].view(cur, page, -1).float()  # every key is stored, in order
+            u = page_bounds(q[:, r: r + 1].float(), kp.amin(1), kp.amax(1))[0]  # (cur,)
+            sel = top_n_mask(u, n_sel, torch.arange(cur, device=u.device))
+            sel = torch.cat([sel, torch.ones(1, dtype=torch.bool, device=u.device)])  # + current page
+            rows[r] &= sel[(p_all // page).clamp_max(cur)]
+        return rows, keep
+
+
+class QuestScheduler(CachePolicy):
+    """Query-aware page selection (selection policy: C3 does not apply)."""
+
+    evicts = False
+    cache_cls = QuestCache
+
+    def page_selection(self, q, k, budget):
+        """(B, H_kv, T, nP) bool pages read by each query (earlier top pages + own page)."""
+        b, hkv, t, hd = k.shape
+        page = self.cfg.page_size
+        n_sel = _pages_k(budget, page) - 1
+        n_p = -(-t // page)
+        kp = F.pad(k.float(), (0, 0, 0, n_p * page - t)).view(b, hkv, n_p, page, hd)
+        qg = q.float().view(b, hkv, q.shape[1] // hkv, t, hd)
+        u = page_bounds(qg, kp.amin(3), kp.amax(3))  # (B, H_kv, T, nP)
+        cur = torch.arange(t, device=q.device) // page
+        pages = torch.arange(n_p, device=q.device)
+        u = u.masked_fill(~(pages[None] < cur[:, None]), float("-inf"))
+        sel = top_n_mask(u, n_sel, pages.to(u.dtype))
+        return sel | (pages[None] == cur[:, None])
+
+    @torch.no_grad()
+    def mask(self, q, k, ctx, budget):
+        if ctx.layer_idx < self.cfg.quest_dense_layers:
+            return None
+        t = q.shape[2]
+        sel = self.page_selection(q, k, budget)
+        j_page = torch.arange(t, device=q.device) // self.cfg.page_size
+        return sel[..., j_page] & causal_mask(t, q.device)
+
+    def mask_mod(self, q, k, ctx, budget):
+        if ctx.layer_idx < self.cfg.quest_dense_layers:
+            return None
+        with torch.no_grad():
+            sel = self.page_selection(q, k, budget)  # (B, H_kv, T, nP): T * T / page bits per head
+        page = self.cfg.page_size
+        return lambda b, h, qi, ki: sel[b, h, qi, ki // page]
