@@ -6,7 +6,7 @@ Per sharded layer l (l >= 1, the previous layer being MoE) the cache holds:
   layer l-1 experts), with its membership vector so that a query reading several of j's shards counts
   j once (read from the lowest shard of ``S_j ∩ R_t``);
 * a sink store of the first ``n_sink`` positions (indexed by position) and a window store of the
-  ``window`` most recent tokens (truncated after each step);
+  ``window`` (+ ``rollback_slack``) most recent tokens (truncated after each step);
 * for ``read_mode="by_score"``, per-shard running key sums and counts (the shard summaries of MoBA).
 
 A query reads the sink store, the window store and only the shards of ``R_t`` (for a batch, the union of
@@ -41,6 +41,7 @@ class _LayerStore:
         z = lambda n: torch.zeros(b, h, n, hd, dtype=dtype, device=device)  # noqa: E731
         self.sink_k, self.sink_v = z(n_sink), z(n_sink)
         self.sink_pos = torch.full((b, n_sink), -1, dtype=torch.long, device=device)
+        self.sink_mem = torch.zeros(b, n_sink, n_shards, dtype=torch.bool, device=device)
         self.win_k, self.win_v = z(0), z(0)
         self.win_pos = torch.full((b, 0), -1, dtype=torch.long, device=device)
         self.shard_k = [z(0) for _ in range(n_shards)]
@@ -64,11 +65,15 @@ class ShardedKVCache(KVCache):
         cfg: the sharding settings (same object as the training hook's).
         n_experts: experts per MoE layer.
         n_read: by_score shards read per query (default: ``cfg.read_shards`` or 1).
+        rollback_slack: extra recent tokens the window store keeps so that :meth:`rollback` of up to this
+            many tokens stays exact (speculative decoding).
     """
 
-    def __init__(self, n_layer: int, cfg: ShardingConfig, n_experts: int, n_read: int | None = None):
+    def __init__(self, n_layer: int, cfg: ShardingConfig, n_experts: int, n_read: int | None = None,
+                 rollback_slack: int = 8):
         super().__init__(n_layer)
         self.cfg = cfg
+        self.rollback_slack = rollback_slack
         self.n_shards = _check(cfg, n_experts)
         self.n_read = n_read or cfg.read_shards or 1
         self._routing: dict[int, object] = {}
@@ -107,6 +112,7 @@ class ShardedKVCache(KVCache):
             st.sink_k[bi, :, pi] = k[bi, :, ti]
             st.sink_v[bi, :, pi] = v[bi, :, ti]
             st.sink_pos[bi, pi] = pi
+            st.sink_mem[bi, pi] = member[bi, ti]
 
         # Shards: every non-sink token goes to the shards of its experts (compacted per row).
         for s in range(n_s):
@@ -173,10 +179,35 @@ class ShardedKVCache(KVCache):
         self._read_n += int(sel.sum())
 
         out_k, out_v = torch.cat(keys, 2), torch.cat(vals, 2)
-        if st.win_pos.shape[1] > cfg.window:
-            st.win_k, st.win_v = st.win_k[:, :, -cfg.window:], st.win_v[:, :, -cfg.window:]
-            st.win_pos = st.win_pos[:, -cfg.window:]
+        keep_w = cfg.window + self.rollback_slack
+        if st.win_pos.shape[1] > keep_w:
+            st.win_k, st.win_v = st.win_k[:, :, -keep_w:], st.win_v[:, :, -keep_w:]
+            st.win_pos = st.win_pos[:, -keep_w:]
         return out_k, out_v, mask
+
+    def rollback(self, keep_until: Tensor) -> None:
+        """Forget every cached key beyond position ``keep_until`` (B,) in its row (speculative decoding)."""
+        super().rollback(keep_until)
+        keep = keep_until[:, None]
+        for st in self._stores.values():
+            # by_score summaries: take the dropped keys back out of their shards' running sums.
+            for k, pos, mem in [(st.sink_k, st.sink_pos, st.sink_mem)] + [
+                (st.shard_k[s], st.shard_pos[s], st.shard_mem[s] & (torch.arange(self.n_shards) == s).to(pos.device))
+                for s, pos in enumerate(st.shard_pos)
+            ]:
+                gone = (pos > keep) & (pos >= 0)  # (B, n)
+                if not bool(gone.any()):
+                    continue
+                m = (mem & gone[..., None]).float()  # (B, n, S)
+                st.key_sum -= torch.einsum("bns,bhnd->bhsd", m, k.float())
+                st.key_cnt -= m.sum(1).long()
+            st.sink_pos = torch.where(st.sink_pos > keep, -1, st.sink_pos)
+            st.win_pos = torch.where(st.win_pos > keep, -1, st.win_pos)
+            # Move dead window slots to the old end so truncation keeps the live recent tokens.
+            order = torch.argsort((st.win_pos >= 0).to(torch.int8), dim=1, stable=True)
+            idx = order[:, None, :, None].expand_as(st.win_k)
+            st.win_k, st.win_v, st.win_pos = st.win_k.gather(2, idx), st.win_v.gather(2, idx), st.win_pos.gather(1, order)
+            st.shard_pos = [torch.where(p > keep, -1, p) for p in st.shard_pos]
 
     # -------------------------------------------------------------------- stats
     def read_fraction(self) -> float:

@@ -67,6 +67,11 @@ class RouterConfig:
     eplb_aux_loss_weight: float = 0.0
     """EPLBRouter: weight of a complementary Switch loss; 0 = auxiliary-loss-free (DeepSeek-V3). EPLBRouter
     ignores aux_loss_weight."""
+    kernel: Literal["auto", "triton", "reference", "eager"] = "auto"
+    """Router implementation for the fixed-k routers (base, topk_balanced, eplb, hierarchical): auto = the
+    env var PIKV_ROUTER_KERNEL if set, else the fused Triton kernel on CUDA and eager PyTorch elsewhere;
+    triton (CPU needs TRITON_INTERPRET=1); reference (kernels/router_reference.py); eager. adaptive and
+    pikv always run eager (dynamic k)."""
 
 
 @dataclass
@@ -216,8 +221,48 @@ class Router(nn.Module):
     def compute_losses(self, out: RouterOutput, x: Tensor) -> dict[str, Tensor]:
         return {}
 
+    def fused_spec(self) -> dict | None:
+        """Keyword arguments of ``pikv_kernels.fused_router`` that reproduce this router's selection,
+        weights and losses, or None when the rule is not fusable (dynamic k)."""
+        return None
+
+    def _forward_fused(self, x: Tensor, fn, spec: dict) -> RouterOutput:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            f = fn(x if x.dtype in (torch.float32, torch.bfloat16) else x.float(), self.gate.weight,
+                   self.cfg.top_k, **spec)
+        ids, weights = f.ids, f.weights
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        dropped = x.new_zeros((), dtype=torch.float32)
+        if self.cfg.capacity_factor is not None:
+            cap = math.ceil(self.cfg.top_k * x.shape[0] * self.cfg.capacity_factor / self.n_experts)
+            new_valid, weights = apply_capacity(ids, valid, weights, self.n_experts, cap, self.cfg.drop_policy)
+            dropped = (valid & ~new_valid).sum().float()
+            valid = new_valid
+        if spec.get("score_fn", "softmax") == "sigmoid":
+            s = torch.sigmoid(f.logits)
+            probs = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+        else:
+            probs = f.logits.softmax(-1)
+        out = RouterOutput(ids=ids, valid=valid, weights=weights, logits=f.logits, probs=probs, counts=f.counts,
+                           lse=f.lse)
+        out.stats = {
+            "dropped": dropped,
+            "mean_k": torch.tensor(float(self.cfg.top_k), device=x.device),
+            "load_max_over_mean": f.counts.max() / f.counts.mean().clamp_min(1e-20),
+        }
+        out.losses = {name: v for name, v, w in (("aux", f.aux, spec.get("aux_weight", 0.0)),
+                                                 ("z", f.z, spec.get("z_weight", 0.0))) if w}
+        return out
+
     def forward(self, x: Tensor) -> RouterOutput:
         """Route tokens x (N, d)."""
+        spec = self.fused_spec()
+        if spec is not None and x.shape[0] > 0:
+            from pikv_kernels import resolve_router_kernel, router_fn
+
+            impl = resolve_router_kernel(self.cfg.kernel, x.device.type)
+            if impl != "eager":
+                return self._forward_fused(x, router_fn(impl), spec)
         logits = self.router_logits(x)
         sel = self.select(logits, x)
         ids, valid, weights, probs = sel[:4]
@@ -257,6 +302,9 @@ class Router(nn.Module):
 class BaseRouter(Router):
     """Softmax top-k router with weights renormalised over the chosen k (no balancing loss)."""
 
+    def fused_spec(self) -> dict | None:
+        return {"normalize": self.cfg.normalize_weights}
+
 
 class TopKBalancedRouter(Router):
     """Top-k softmax router + Switch balance loss + z-loss, with optional capacity dropping."""
@@ -264,3 +312,7 @@ class TopKBalancedRouter(Router):
     def compute_losses(self, out: RouterOutput, x: Tensor) -> dict[str, Tensor]:
         # counts.sum() == N * top_k here (every slot is routed before capacity drops).
         return balance_losses(out, self.cfg.aux_loss_weight, self.cfg.z_loss_weight)
+
+    def fused_spec(self) -> dict | None:
+        return {"normalize": self.cfg.normalize_weights, "aux_weight": self.cfg.aux_loss_weight,
+                "z_weight": self.cfg.z_loss_weight}

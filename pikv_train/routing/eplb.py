@@ -73,6 +73,12 @@ class EPLBRouter(Router):
     def compute_losses(self, out: RouterOutput, x: Tensor) -> dict[str, Tensor]:
         return balance_losses(out, self.cfg.eplb_aux_loss_weight, self.cfg.z_loss_weight)
 
+    def fused_spec(self) -> dict | None:
+        c = self.cfg
+        return {"score_fn": c.score_fn, "bias": self.bias, "n_groups": c.n_groups, "topk_groups": c.topk_groups,
+                "normalize": c.normalize_weights, "route_scale": c.route_scale,
+                "aux_weight": c.eplb_aux_loss_weight, "z_weight": c.z_loss_weight}
+
     @torch.no_grad()
     def on_after_optimizer_step(self, counts: Tensor) -> None:
         """Move the bias against the step's (globally all-reduced) loads and update the load EMA."""

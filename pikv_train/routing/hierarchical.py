@@ -79,3 +79,8 @@ class HierarchicalRouter(Router):
 
     def compute_losses(self, out: RouterOutput, x: Tensor) -> dict[str, Tensor]:
         return balance_losses(out, self.cfg.aux_loss_weight, self.cfg.z_loss_weight)
+
+    def fused_spec(self) -> dict | None:
+        c = self.cfg
+        return {"score_fn": c.score_fn, "n_groups": c.n_groups, "topk_groups": c.topk_groups,
+                "normalize": c.normalize_weights, "aux_weight": c.aux_loss_weight, "z_weight": c.z_loss_weight}

@@ -76,6 +76,9 @@ class TaskBase(L.LightningModule):
         super().__init__()
         self.val_nll = MeanMetric()
         self._router_counts: list[Tensor] = []
+        self._window_count = 0.0  # loss units (tokens or sequences) seen since the last optimizer step
+        self.last_router_counts: Tensor | None = None
+        """(L, E) loads of the last optimizer step, summed over accumulation and ranks (for callbacks)."""
 
     # ----------------------------------------------------------------- router
     def log_routing(self, out: DecoderOutput, prefix: str = "router") -> Tensor:
@@ -96,6 +99,11 @@ class TaskBase(L.LightningModule):
             vals = [r.stats[key] for r in out.routing if key in r.stats]
             if vals:
                 logs[f"{prefix}/{key}"] = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).mean()
+        # Hook statistics of the forward under the router namespace (e.g. router/kv_read_fraction from
+        # expert-sharded KV); underscore keys are bookkeeping.
+        for key, val in out.stats.items():
+            if key.startswith(f"{prefix}/"):
+                logs[key] = torch.as_tensor(val, dtype=torch.float32).detach()
         self.log_dict(logs, on_step=True, on_epoch=False)
         return loss
 
@@ -109,22 +117,40 @@ class TaskBase(L.LightningModule):
         self._router_counts.clear()
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self.last_router_counts = counts.detach()
         routers = [b.ffn.router for b in self.student_model.blocks if hasattr(b.ffn, "router")]
         for router, c in zip(routers, counts):
             router.on_after_optimizer_step(c)
 
-    def global_mean(self, total: Tensor, count: Tensor) -> Tensor:
-        """``total / count`` with the count summed over DDP ranks, so the gradient equals one big batch's.
+    def to_backward(self, total: Tensor, count: Tensor, per_batch: Tensor | None = None) -> Tensor:
+        """The tensor to back-propagate for one micro-batch, exact over accumulation and DDP.
 
-        DDP averages gradients over W ranks, hence the factor W. (Gradient accumulation divides by the
-        number of micro-batches; that equals the window mean exactly when micro-batches hold the same
-        number of loss tokens, which packed text always does.)
+        ``total`` is the loss summed over ``count`` units (tokens, or sequences for sequence-means) of this
+        micro-batch. The returned tensor is scaled so that, after Lightning's division by the number of
+        accumulated micro-batches and DDP's average over ranks, the summed gradient is sum-over-window;
+        :meth:`on_before_optimizer_step` then divides it by the window's global count. The result equals the
+        gradient of one big batch however the tokens are split over micro-batches and ranks, even when they
+        hold different numbers of loss tokens. ``per_batch`` terms (already means, e.g. router losses) are
+        weighted by ``count``.
         """
-        count = count.float()
+        count = count.detach().float()
+        self._window_count = self._window_count + count
+        scale = float(self.trainer.accumulate_grad_batches * self.trainer.world_size) if self._trainer else 1.0
+        out = total * scale
+        if per_batch is not None:
+            out = out + per_batch * count * scale
+        return out
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        n = torch.as_tensor(self._window_count, dtype=torch.float32, device=self.device)
         if self._trainer is not None and self.trainer.world_size > 1:
-            n = self.trainer.strategy.reduce(count.detach().clone(), reduce_op="sum")
-            return total * self.trainer.world_size / n.clamp_min(1)
-        return total / count.clamp_min(1)
+            n = self.trainer.strategy.reduce(n.clone(), reduce_op="sum")
+        n = n.clamp_min(1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(n)
+        self._window_count = 0.0
 
     @property
     def student_model(self) -> Decoder:

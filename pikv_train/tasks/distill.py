@@ -33,7 +33,7 @@ from pikv_train.models.config import ModelConfig, MoEConfig
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
 from pikv_train.tasks.checks import check_vocab
-from pikv_train.tasks.teacher import TeacherConfig, load_teacher
+from pikv_train.tasks.teacher import TeacherConfig, init_student_from, load_teacher
 
 
 @dataclass
@@ -79,6 +79,8 @@ class DistillationTask(TaskBase):
             KD interleaved sampling, then forward KL). The last three need ``data.mode: prompts``.
         distillm / distillm2 / skd: settings of those objectives.
         seed: seed of the sampler's random streams (source choice, replay, generation).
+        student_init: start the student from this checkpoint's weights (a LanguageModelTask checkpoint of
+            the same architecture, e.g. a CE-trained "SFT" student, as DistiLLM and DistiLLM-2 do).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class DistillationTask(TaskBase):
         distillm2: DistiLLM2Config = DistiLLM2Config(),
         skd: SKDConfig = SKDConfig(),
         seed: int = 0,
+        student_init: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -106,6 +109,8 @@ class DistillationTask(TaskBase):
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.student = Decoder(as_config(ModelConfig, student))
+        if student_init:
+            init_student_from(self.student, student_init)
         self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))
         self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache)))
         self.teacher: Decoder | None = None
@@ -170,14 +175,17 @@ class DistillationTask(TaskBase):
                         **div_kw) -> tuple[torch.Tensor, dict, object]:
         """Student forward + fused chunked divergence (+ CE) on ``batch``'s loss tokens.
 
-        Returns (loss normalised over the global batch, detached parts, student output). With
-        ``sequence_mean`` each sequence's tokens are averaged first, then sequences (DistiLLM-2, SKD).
+        Returns (summed loss, count of loss units, detached per-unit parts, student output). With
+        ``sequence_mean`` each sequence's tokens are averaged first and the unit is the sequence
+        (DistiLLM-2, SKD); otherwise the unit is the token.
         """
         cfg = self.loss_cfg
         t_hidden = self.teacher_hidden(batch["input_ids"])
         out = self.student(batch["input_ids"])
         mask = batch["loss_mask"]
-        weights = sequence_mean_weights(mask).flatten() if sequence_mean else mask.flatten().bool()
+        n_seq = (mask.sum(1) > 0).sum()
+        # sequence_mean_weights averages over sequences too; times n_seq gives per-sequence means to sum.
+        weights = (sequence_mean_weights(mask) * n_seq).flatten() if sequence_mean else mask.flatten().bool()
         total, parts = chunked_distill_loss(
             out.hidden.flatten(0, 1), self.student.head_weight,
             t_hidden.flatten(0, 1).to(out.hidden.dtype), self.teacher.head_weight.to(out.hidden.dtype),
@@ -186,12 +194,11 @@ class DistillationTask(TaskBase):
             ce_weight=cfg.ce_weight if ce_weight is None else ce_weight, kd_weight=cfg.kd_weight,
             reduction="sum", return_parts=True, **div_kw,
         )
-        count = (mask.sum(1) > 0).sum() if sequence_mean else mask.sum()
-        loss = self.global_mean(total, count)
+        count = n_seq if sequence_mean else mask.sum()
         n = mask.sum().clamp_min(1)
         parts = dict(parts, kd=parts["kd"] / (count.clamp_min(1)), ce=parts["ce"] / (count.clamp_min(1)),
                      agreement=parts["top1_agree"].float() / n)
-        return loss, parts, out
+        return total, count, parts, out
 
     def _div_kwargs(self) -> dict:
         cfg = self.loss_cfg
@@ -201,28 +208,28 @@ class DistillationTask(TaskBase):
         objective = self.hparams.objective
         logs: dict[str, torch.Tensor | float] = {}
         if objective == "kd":
-            loss, parts, out = self.divergence_loss(batch, self.loss_cfg.divergence, **self._div_kwargs())
+            total, count, parts, out = self.divergence_loss(batch, self.loss_cfg.divergence, **self._div_kwargs())
             outs = [out]
         elif objective == "distillm":
             batch, logs = distillm_batch(self, batch)
             cfg = self.distillm_cfg
-            loss, parts, out = self.divergence_loss(batch, cfg.divergence, alpha=cfg.alpha, detach_mixture=False)
+            total, count, parts, out = self.divergence_loss(batch, cfg.divergence, alpha=cfg.alpha, detach_mixture=False)
             outs = [out]
         elif objective == "distillm2":
-            loss, parts, outs, logs = distillm2_loss(self, batch)
+            total, count, parts, outs, logs = distillm2_loss(self, batch)
         else:  # skd
             batch, logs = skd_batch(self, batch)
-            loss, parts, out = self.divergence_loss(batch, "fkl", sequence_mean=True)
+            total, count, parts, out = self.divergence_loss(batch, "fkl", sequence_mean=True)
             outs = [out]
         router_loss = sum(self.log_routing(o) for o in outs) / len(outs)
-        total = loss + self.loss_cfg.router_loss_weight * router_loss
+        mean_loss = total.detach() / count.clamp_min(1) + self.loss_cfg.router_loss_weight * router_loss.detach()
         self.log_dict(
-            {"train/loss": total.detach(), "kd/loss": parts["kd"], "kd/ce": parts["ce"], "kd/agreement": parts["agreement"],
+            {"train/loss": mean_loss, "kd/loss": parts["kd"], "kd/ce": parts["ce"], "kd/agreement": parts["agreement"],
              **{k: torch.as_tensor(v, dtype=torch.float32) for k, v in logs.items()}},
             on_step=True,
         )
         self.log("train/kd", parts["kd"], prog_bar=True, on_step=True, logger=False)
-        return total
+        return self.to_backward(total, count, per_batch=self.loss_cfg.router_loss_weight * router_loss)
 
     def validation_step(self, batch, batch_idx):
         # Always FKL + CE at validation, whatever the training divergence: comparable across recipes.

@@ -11,6 +11,7 @@ from pikv_train.models.config import ModelConfig
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
 from pikv_train.tasks.checks import check_vocab
+from pikv_train.tasks.teacher import init_student_from
 
 
 class LanguageModelTask(TaskBase):
@@ -22,6 +23,7 @@ class LanguageModelTask(TaskBase):
         chunk_size: tokens per chunk of the fused LM head + cross-entropy (no full (N, V) logits).
         cache: the KV cache policy the model trains and validates under (default: full attention).
         kv_sharding: expert-sharded KV placement (MoE models; default: off).
+        init_from: start from this pikv_train checkpoint's weights (same architecture).
     """
 
     def __init__(
@@ -31,10 +33,13 @@ class LanguageModelTask(TaskBase):
         chunk_size: int = 2048,
         cache: CacheConfig = CacheConfig(),
         kv_sharding: ShardingConfig = ShardingConfig(),
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = Decoder(as_config(ModelConfig, model))
+        if init_from:
+            init_student_from(self.model, init_from)
         self.model.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.model.cfg))
         self.model.set_cache_policy(build_policy(as_config(CacheConfig, cache)))
         self.optim_cfg = as_config(OptimConfig, optim)
@@ -63,9 +68,8 @@ class LanguageModelTask(TaskBase):
         nll_sum, n_tok, out = self._nll(batch)
         ce = nll_sum / n_tok.clamp_min(1)
         router_loss = self.log_routing(out)
-        loss = ce + router_loss
-        self.log_dict({"train/loss": loss.detach(), "train/ce": ce.detach()}, on_step=True, prog_bar=True)
-        return loss
+        self.log_dict({"train/loss": (ce + router_loss).detach(), "train/ce": ce.detach()}, on_step=True, prog_bar=True)
+        return self.to_backward(nll_sum, n_tok, per_batch=router_loss)
 
     def validation_step(self, batch, batch_idx):
         nll_sum, n_tok, _ = self._nll(batch)

@@ -100,13 +100,15 @@ def distillm2_loss(task, batch):
         logs["kd/teacher_gen_len"] = float(t_gen.lengths.float().mean())
     student_batch = _to_device(task, build_sequences(prompts, student_resp, pad))
     beta = beta_at(cfg, task.global_step, total_training_steps(task.trainer))
-    skl, p_t, out_t = task.divergence_loss(teacher_batch, "skl", sequence_mean=True, ce_weight=0.0, alpha=cfg.alpha1)
-    srkl, p_s, out_s = task.divergence_loss(student_batch, "srkl", sequence_mean=True, ce_weight=0.0,
-                                            alpha=cfg.alpha2, detach_mixture=True)
-    loss = (2.0 - beta) * skl + beta * srkl
+    skl, _, p_t, out_t = task.divergence_loss(teacher_batch, "skl", sequence_mean=True, ce_weight=0.0, alpha=cfg.alpha1)
+    srkl, _, p_s, out_s = task.divergence_loss(student_batch, "srkl", sequence_mean=True, ce_weight=0.0,
+                                               alpha=cfg.alpha2, detach_mixture=True)
+    # Sums of per-sequence means; the unit of the mean is the pair.
+    total = (2.0 - beta) * skl + beta * srkl
+    pairs = torch.tensor(float(len(prompts)), device=total.device)
     parts = {"kd": (2.0 - beta) * p_t["kd"] + beta * p_s["kd"], "ce": p_t["ce"], "agreement": p_t["agreement"]}
     logs.update({"kd/skl": p_t["kd"], "kd/srkl": p_s["kd"], "kd/beta": beta})
-    return loss, parts, [out_t, out_s], logs
+    return total, pairs, parts, [out_t, out_s], logs
 
 
 def skd_batch(task, batch) -> tuple[dict, dict]:

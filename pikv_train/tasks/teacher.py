@@ -59,3 +59,19 @@ def load_teacher(cfg: TeacherConfig) -> Decoder:
     model = model.to(dtype).eval()
     model.requires_grad_(False)
     return model
+
+
+def init_student_from(student: Decoder, path: str) -> None:
+    """Copy a pikv_train checkpoint's decoder weights into ``student`` (architectures must match)."""
+    ckpt = read_checkpoint(path)
+    prefix = {"lm": "model.", "distill": "student."}.get(ckpt.get("pikv_task"))
+    if prefix is None:
+        raise ConfigError(f"{path!r} is not a pikv_train checkpoint; student_init needs one written by pikv_train")
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"student_init {path!r} has another architecture than the student ({str(e).splitlines()[0][:120]}); "
+            "use a checkpoint of the same model config"
+        ) from None

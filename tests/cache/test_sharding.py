@@ -105,7 +105,7 @@ def test_decode_matches_masked_parallel_forward(router, kw):
 def test_sharded_cache_touches_only_read_shards_and_counts_bytes():
     # One row, 2 shards; a query routed to shard 0 only never concatenates shard 1's store.
     cfg = ShardingConfig(enabled=True, n_shards=2, n_sink=0, window=1)
-    cache = ShardedKVCache(2, cfg, n_experts=2)
+    cache = ShardedKVCache(2, cfg, n_experts=2, rollback_slack=0)
     h, hd = 1, 2
     k = torch.arange(8.0).view(1, h, 4, hd)
     pos = torch.arange(4)[None]
@@ -134,3 +134,27 @@ def test_generate_with_sharded_cache_and_bad_config():
     with pytest.raises(ValueError, match="n_shards"):
         build_sharding(ShardingConfig(enabled=True, n_shards=9), model.cfg)
     assert build_sharding(ShardingConfig(), model.cfg) is None
+
+
+@pytest.mark.parametrize("read_mode", ["by_routing", "by_score"])
+def test_rollback_equals_fresh_cache(read_mode):
+    # Speculative decoding: append 4 proposals, roll back 3, continue; must equal never having seen them.
+    model = _model()
+    hook = build_sharding(ShardingConfig(enabled=True, n_sink=1, window=2, read_mode=read_mode, read_shards=2),
+                          model.cfg)
+    model.set_kv_sharding(hook)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 258, (2, 12))
+    junk = torch.randint(0, 258, (2, 4))
+    pos = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        a = hook.new_cache(model.cfg.n_layer)
+        model(ids[:, :8], positions=pos[:, :8], cache=a)
+        model(junk, positions=torch.arange(8, 12).expand(2, 4), cache=a)
+        a.rollback(torch.tensor([8, 8]))  # keep positions <= 8 (the first proposal "accepted")
+        b = hook.new_cache(model.cfg.n_layer)
+        model(torch.cat([ids[:, :8], junk[:, :1]], 1), positions=pos[:, :9], cache=b)
+        nxt = ids[:, 9:12]
+        ha = model(nxt, positions=pos[:, 9:12], cache=a).hidden
+        hb = model(nxt, positions=pos[:, 9:12], cache=b).hidden
+    torch.testing.assert_close(ha, hb, atol=1e-5, rtol=0)

@@ -25,7 +25,10 @@ from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask
 
 
 def _pool(x, kernel):
-    return F.max_pool1d(x.unsqueeze(-2), kernel, stride=1, padding=kernel // 2).squeeze(-2) if kernel > 1 else x
+    if kernel <= 1:
+        return x
+    y = F.max_pool1d(x.reshape(-1, 1, x.shape[-1]), kernel, stride=1, padding=kernel // 2)
+    return y[..., : x.shape[-1]].reshape(x.shape)
 
 
 def ada_select(score, floor: int, total: int, tiebreak):

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Every GPU figure of the project in one run (under 5 minutes on one H200), installing nothing it can avoid:
+#   1. benchmarks/router_kernel.py   fused Triton router vs eager PyTorch (T=16384, d=2048, E=64, k=8, bf16)
+#   2. benchmarks/gpu_cache_policies.py   (cache-policy figures, when that file exists)
+# Results land in benchmarks/results/*.json and on stdout.
+#   bash benchmarks/gpu.sh             # on a CUDA machine
+#   bash benchmarks/gpu.sh --dry-run   # CPU dry runs (interpreted Triton, tiny shapes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+# Use the checkout directly (no install): pikv_kernels is mapped from ./kernels by the benchmark itself.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PY" -c "import torch, triton" 2>/dev/null; then
+  echo "gpu.sh: installing triton (torch must already be installed)" >&2
+  "$PY" -m pip install -q "triton>=3.0" || { echo "gpu.sh: torch + triton are required" >&2; exit 1; }
+fi
+
+DRY=()
+if [ "${1:-}" = "--dry-run" ]; then DRY=(--dry-run); fi
+
+start=$(date +%s)
+status=0
+echo "== router kernel =="
+timeout 120 "$PY" benchmarks/router_kernel.py "${DRY[@]}" || status=$?
+if [ -f benchmarks/gpu_cache_policies.py ]; then
+  echo "== cache policies =="
+  timeout 170 "$PY" benchmarks/gpu_cache_policies.py "${DRY[@]}" || status=$?
+else
+  echo "== cache policies: benchmarks/gpu_cache_policies.py not present, skipped =="
+fi
+echo "gpu.sh: done in $(( $(date +%s) - start )) s (exit $status)"
+exit $status

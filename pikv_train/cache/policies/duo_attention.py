@@ -1,0 +1,114 @@
+"""DuoAttention (Xiao et al., 2024): retrieval heads read the full cache, streaming heads sinks + recent.
+
+Each (layer, kv-head) has a learnable gate g (``gates``, a parameter of this hook, so it is trained
+and checkpointed with the model). Training with soft gates computes both passes and mixes
+``g * full + (1 - g) * streaming`` per kv-head; the gate is clamped to [0, 1] in the forward with a
+straight-through gradient (the paper clamps the parameter after each step). ``l1_penalty()`` is
+``duo_l1_weight * mean|g|`` and is put, differentiable, in ``ctx.stats['cache/l1_penalty']`` for the task
+to add to its loss. In eval mode (or with ``duo_hard``) the gates are thresholded at 0.5: heads with
+g >= 0.5 keep the full cache, the others only sinks + recent window (budget tokens) — exact: the
+inference cache stores per head what that head reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pikv_train.cache.policies.base import CachePolicy, PolicyCache, _sdpa
+from pikv_train.cache.policies.streaming_llm import sink_window, streaming_mask, streaming_step
+from pikv_train.errors import ConfigError
+
+
+class DuoAttentionCache(PolicyCache):
+    def _step(self, layer_idx, h, st, q, k_all, p_all, n_old):
+        if bool(self.retrieval[layer_idx, h]):
+            t = p_all[n_old:]
+            return p_all[None] <= t[:, None], torch.ones_like(p_all, dtype=torch.bool)
+        s, w = sink_window(self.budget, self.policy.cfg.n_sink)
+        return streaming_step(p_all, n_old, s, w)
+
+    def __init__(self, policy, n_layer, budget):
+        super().__init__(policy, n_layer, budget)
+        self.retrieval = policy.hard_gates().cpu()  # (L, H_kv) bool, fixed for the cache's lifetime
+
+
+class DuoAttentionScheduler(CachePolicy):
+    """Learnable per-kv-head retrieval/streaming gates with an L1 penalty."""
+
+    cache_cls = DuoAttentionCache
+
+    def __init__(self, cfg=None, model_cfg=None, **overrides):
+        super().__init__(cfg, **overrides)
+        if model_cfg is None:
+            raise ConfigError(
+                "duo_attention needs the model config for its per-head gates: build it with "
+                "build_policy(cache_cfg, model.cfg) or DuoAttentionScheduler(cfg, model.cfg)"
+            )
+        self.gates = nn.Parameter(torch.full((model_cfg.n_layer, model_cfg.n_kv_head), float(self.cfg.duo_gate_init)))
+
+    def gate_values(self) -> torch.Tensor:
+        """(L, H_kv) gates clamped to [0, 1], straight-through gradient."""
+        g = self.gates
+        return g + (g.clamp(0, 1) - g).detach()
+
+    def hard_gates(self) -> torch.Tensor:
+        """(L, H_kv) bool: retrieval heads at inference."""
+        return self.gates.detach().clamp(0, 1) >= self.cfg.duo_threshold
+
+    def l1_penalty(self) -> torch.Tensor:
+        return self.cfg.duo_l1_weight * self.gate_values().abs().mean()
+
+    def _hard(self) -> bool:
+        return self.cfg.duo_hard or not self.training
+
+    def mask(self, q, k, ctx, budget):
+        t = q.shape[2]
+        stream = streaming_mask(t, budget, self.cfg.n_sink, q.device)  # (T, T)
+        if not self._hard():
+            return None  # soft gates: both passes, in ``attend``
+        full = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        retr = self.hard_gates()[ctx.layer_idx].to(q.device)  # (H_kv,)
+        return torch.where(retr[:, None, None], full, stream)[None]  # (1, H_kv, T, T)
+
+    def training_mask(self, q, k, ctx):
+        m = super().training_mask(q, k, ctx)
+        g = self.gate_values()
+        if ctx.layer_idx == 0:
+            ctx.stats["cache/l1_penalty"] = self.l1_penalty()  # differentiable: add it to the loss
+            ctx.stats["cache/duo_gate_mean"] = g.detach().mean()
+            ctx.stats["cache/duo_retrieval_fraction"] = self.hard_gates().float().mean()
+        ctx.stats[f"cache/duo_gate_l{ctx.layer_idx}"] = g[ctx.layer_idx].detach().mean()
+        return m
+
+    def log_stats(self, ctx, m, budget, k):
+        if m is None and not self._hard():  # soft: report the streaming heads' view
+            t = k.shape[2]
+            m = streaming_mask(t, budget, self.cfg.n_sink, k.device)[None, None]
+        super().log_stats(ctx, m, budget, k)
+
+    def attend(self, q, k, v, mask, ctx):
+        if self._hard():
+            return super().attend(q, k, v, mask, ctx)
+        t = q.shape[2]
+        budget = self.budget_tokens(t)
+        g = self.gate_values()[ctx.layer_idx].to(q.dtype)  # (H_kv,)
+        group = q.shape[1] // k.shape[1]
+        if self._flex(q) and mask is None:
+            from pikv_train.cache.policies.flex import flex_attend
+
+            s, w = sink_window(budget, self.cfg.n_sink)
+            full = flex_attend(q, k, v, None)
+            stream = flex_attend(q, k, v, lambda b, h, qi, ki: (ki < s) | (qi - ki < w))
+        else:
+            causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+            base = causal if mask is None else mask & causal
+            full = _sdpa(q, k, v, base if mask is not None else None)
+            stream = _sdpa(q, k, v, base & streaming_mask(t, budget, self.cfg.n_sink, q.device))
+        gq = g.repeat_interleave(group)[None, :, None, None]  # (1, H, 1, 1)
+        return gq * full + (1 - gq) * stream
+
+    def mask_mod(self, q, k, ctx, budget):
+        s, w = sink_window(budget, self.cfg.n_sink)
+        retr = self.hard_gates()[ctx.layer_idx].to(q.device)
+        return lambda b, h, qi, ki: retr[h] | (ki < s) | (qi - ki < w)

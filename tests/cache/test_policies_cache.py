@@ -1,0 +1,150 @@
+"""Cache policies at inference: the policy's cache equals the masked parallel forward for the exact
+policies, really shrinks storage, plugs into generate; FlexAttention path; config errors; the CLI."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from pikv_train.cache import CacheConfig, H2OScheduler, StreamingLLMScheduler, build_policy
+from pikv_train.errors import ConfigError
+from pikv_train.models import Decoder, ModelConfig, generate
+
+T = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Token-by-token decoding is many tiny ops: one intra-op thread avoids oversubscribing shared CPUs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+EXACT = {
+    "streaming_llm": dict(budget=12, n_sink=2),
+    "quest": dict(budget=12, page_size=4, quest_dense_layers=1),
+    "ada_kv": dict(budget=12, snap_window=4, chunk_size=4, snap_kernel=3),
+    "duo_attention": dict(budget=12, n_sink=2),
+    "flexgen": dict(budget=10),
+}
+
+
+def _model(preset, name, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset, n_head=4, n_kv_head=2)
+    model = Decoder(cfg)
+    pol = build_policy(CacheConfig(policy=name, **kw), cfg)
+    if name == "duo_attention":
+        with torch.no_grad():
+            pol.gates.copy_(torch.tensor([[1.0, 0.0], [0.2, 0.9]]))  # a mix of retrieval and streaming heads
+    model.set_cache_policy(pol)
+    return model.eval(), pol  # eval after attaching: DuoAttention uses hard gates
+
+
+def _decode(model, cache, x, prefill=7):
+    pos = torch.arange(x.shape[1]).expand_as(x)
+    outs = [model.logits(model(x[:, :prefill], positions=pos[:, :prefill], cache=cache).hidden)]
+    for i in range(prefill, x.shape[1]):
+        outs.append(model.logits(model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache).hidden))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("preset,name", [("nano", n) for n in EXACT] + [("nano-moe", "streaming_llm"), ("nano-moe", "ada_kv")])
+def test_exact_policy_decoding_equals_masked_parallel_forward(preset, name):
+    model, pol = _model(preset, name, **EXACT[name])
+    x = torch.randint(0, 258, (2, T))
+    full = model.logits(model(x).hidden)
+    dec = _decode(model, pol.new_cache(model.cfg.n_layer, seq_len=T), x, prefill=9)
+    torch.testing.assert_close(dec, full, atol=1e-4, rtol=1e-4)
+    model.set_cache_policy(None)
+    if name != "flexgen":  # the policy really changes the output (FlexGen only places memory)
+        assert (model.logits(model(x).hidden) - full).abs().max() > 1e-3
+
+
+def test_caches_store_only_the_budget():
+    x = torch.randint(0, 258, (2, T))
+    for name in ("streaming_llm", "h2o", "lru", "lru_plus", "ada_kv"):
+        model, pol = _model("nano", name, budget=12, n_sink=2, chunk_size=4, snap_window=4)
+        cache = pol.new_cache(model.cfg.n_layer)
+        _decode(model, cache, x)
+        lengths = torch.stack([cache.head_lengths(i) for i in range(model.cfg.n_layer)])  # (L, B, H_kv)
+        if name == "ada_kv":
+            assert lengths.sum(-1).max() <= 2 * 12  # shared per-layer budget
+        else:
+            assert lengths.max() <= 12, name
+        hd = model.cfg.head_dim
+        assert cache.bytes_stored() == int(lengths.sum()) * 2 * hd * 4  # per-head storage, no fake keys
+    model, pol = _model("nano", "flexgen", budget=10)
+    cache = pol.new_cache(model.cfg.n_layer)
+    _decode(model, cache, x)
+    assert cache.bytes_on_device() == 2 * 2 * 2 * 10 * 2 * model.cfg.head_dim * 4  # L * B * H_kv * 10 tokens
+    assert cache.bytes_on_host() == cache.bytes_on_device() * (T - 10) // 10
+
+
+def test_generate_with_policy_cache_factory_and_batched_padding():
+    model, pol = _model("nano", "h2o", budget=0.25, chunk_size=4)
+    model(torch.randint(0, 258, (1, 48)))  # fractional budgets refer to the last training length (48)
+    prompts = [torch.randint(0, 258, (n,)) for n in (5, 9)]
+    gen = generate(model, prompts, 20, temperature=0, cache_factory=pol.new_cache)
+    assert gen.tokens.shape == (2, 9 + 20) and bool(gen.generated[:, 9:].all())
+    model, pol = _model("nano", "streaming_llm", budget=12, n_sink=2)
+    one = generate(model, [prompts[0]], 20, temperature=0, cache_factory=pol.new_cache)
+    two = generate(model, prompts, 20, temperature=0, cache_factory=pol.new_cache)
+    assert torch.equal(one.tokens[0, -20:], two.tokens[0, -20:])  # left padding does not leak
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "quest", "h2o", "ada_kv", "duo_attention"])
+def test_flexattention_block_mask_path_equals_sdpa_mask_path(name):
+    model, pol = _model("nano", name, **{**EXACT.get(name, dict(budget=12, chunk_size=4)), "quest_dense_layers": 0})
+    x = torch.randint(0, 258, (1, 32))
+    ref = model(x).hidden
+    pol.use_flex = True  # the CUDA path, run eagerly on CPU (no backward there)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(x).hidden
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_duo_attention_gates_are_trained_with_l1_penalty():
+    model, pol = _model("nano", "duo_attention", budget=12, n_sink=2)
+    model.train()
+    out = model(torch.randint(0, 258, (2, T)))
+    pen = out.stats["cache/l1_penalty"]
+    loss = model.logits(out.hidden).logsumexp(-1).mean() + pen
+    loss.backward()
+    assert pol.gates.grad is not None and pol.gates.grad.abs().sum() > 0
+    assert any(p is pol.gates for p in model.parameters())  # in the optimizer and the checkpoint
+    assert {"cache/duo_gate_mean", "cache/duo_gate_l0", "cache/kept_fraction", "cache/bytes_stored"} <= set(out.stats)
+
+
+@pytest.mark.parametrize("budget", [0, -0.5, 1.5, float("nan")])
+def test_bad_budget_is_a_one_line_config_error(budget):
+    with pytest.raises(ConfigError, match="cache.budget"):
+        CacheConfig(policy="h2o", budget=budget)
+
+
+def test_other_config_errors():
+    with pytest.raises(ConfigError, match="page_size"):
+        model, _ = _model("nano", "quest", budget=8, page_size=16, quest_dense_layers=0)
+        model(torch.randint(0, 258, (1, 32)))
+    with pytest.raises(ConfigError, match="model config"):
+        build_policy(CacheConfig(policy="duo_attention"))
+    with pytest.raises(ConfigError, match="reference length"):
+        StreamingLLMScheduler(CacheConfig(policy="streaming_llm", budget=0.5)).new_cache(2)
+    assert H2OScheduler(CacheConfig(policy="h2o", budget=64)).new_cache(2).budget == 64
+
+
+def test_cli_trains_under_a_policy_and_rejects_a_bad_budget(tmp_path):
+    from helpers import lm_recipe, run_cli
+
+    extra = "model:\n  init_args:\n    cache: {policy: h2o, budget: 0.5, chunk_size: 8}\n"
+    proc = run_cli("fit", "--config", str(lm_recipe(tmp_path, steps=2, extra=extra)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    proc = run_cli("fit", "--config", str(lm_recipe(tmp_path, out="bad", steps=2)),
+                   "--model.init_args.cache.budget", "0")
+    assert proc.returncode != 0
+    last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1]
+    assert last.startswith("error:") and "cache.budget" in last, last
