@@ -235,6 +235,11 @@ def _blocks(x: Tensor) -> tuple[int, int]:
     return (16, 32) if x.device.type == "cpu" else (64, 64)
 
 
+def _warps(x: Tensor) -> int:
+    # Several (BLOCK_T, BLOCK_E) fp32 tiles live at once in the epilogue: 8 warps keep them in registers.
+    return 4 if x.device.type == "cpu" else 8
+
+
 class _FusedRouterFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, top_k, score_fn, n_groups, topk_groups, normalize, route_scale,
@@ -258,7 +263,7 @@ class _FusedRouterFn(torch.autograd.Function):
             K=top_k, BLOCK_K=_pow2(top_k, 2), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
             SIGMOID=score_fn == "sigmoid", HAS_BIAS=bias is not None, NORMALIZE=normalize,
             N_GROUPS=n_groups, TOPK_GROUPS=topk_groups, GROUP_SIZE=e // n_groups, BLOCK_G=_pow2(n_groups, 1),
-            FP32=fp32,
+            FP32=fp32, num_warps=_warps(x),
         )
         counts = cnt.sum(0)
         prob_sum = psum.sum(0)
@@ -291,7 +296,7 @@ class _FusedRouterFn(torch.autograd.Function):
             logits, lse, ids, wts, dwts, coef.contiguous(), zc, dlogits, weight, dx,
             n, d, e, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1), float(route_scale),
             K=top_k, BLOCK_K=_pow2(top_k, 2), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
-            SIGMOID=score_fn == "sigmoid", NORMALIZE=normalize, FP32=fp32,
+            SIGMOID=score_fn == "sigmoid", NORMALIZE=normalize, FP32=fp32, num_warps=_warps(x),
         )
         n_tb = triton.cdiv(n, block_t)
         split = max(1, min(8 if x.device.type != "cpu" else 2, n_tb))
@@ -299,7 +304,7 @@ class _FusedRouterFn(torch.autograd.Function):
         dwp = torch.empty(split, e, d, device=dev, dtype=torch.float32)
         _router_bwd_dw[(triton.cdiv(d, block_d), split)](
             x, dlogits, dwp, n, d, e, x.stride(0), x.stride(1), tokens_per_split,
-            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e, FP32=fp32,
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e, FP32=fp32, num_warps=_warps(x),
         )
         dweight = dwp.sum(0).to(weight.dtype)
         return dx, dweight, None, None, None, None, None, None, None, None, None

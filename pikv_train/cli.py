@@ -96,6 +96,16 @@ class PiKVCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out_dir", type=str, default="runs/default", help="Folder for this run's outputs.")
 
+    def _instantiate_trainer(self, config, callbacks):
+        # Lightning types limit_*_batches as float|int, so a YAML `limit_val_batches: 1` arrives as 1.0, which
+        # Lightning reads as "100%". A whole number here always means a batch count (null means all).
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                    "val_check_interval", "overfit_batches"):
+            v = config.get(key)
+            if isinstance(v, float) and v.is_integer() and v >= 1:
+                config[key] = int(v)
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         self._print_config("fit")
 

@@ -4,6 +4,7 @@ resume continues from the saved step, 2-process DDP matches 1 process, bad input
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from pathlib import Path
@@ -170,3 +171,21 @@ def test_config_files_merge_in_order(tmp_path):
 def test_interpolation_sees_command_line_overrides(tmp_path):
     proc = run_cli("fit", "--config", "recipes/debug.yaml", "--out_dir", str(tmp_path / "elsewhere"), "--print_config")
     assert proc.returncode == 0 and f"dirpath: {tmp_path / 'elsewhere'}/checkpoints" in proc.stdout
+
+
+def test_predict_writes_completions_and_whole_number_limits_count_batches(tmp_path):
+    recipe = lm_recipe(tmp_path, "pred", steps=2)
+    assert run_cli("fit", "--config", str(recipe)).returncode == 0
+    ckpt = tmp_path / "pred" / "checkpoints" / "last.ckpt"
+    proc = run_cli("predict", "--config", str(recipe), "--ckpt_path", str(ckpt), "--trainer.limit_predict_batches", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4  # exactly one batch of 4 (a YAML/CLI "1" is one batch, not 100%)
+    assert all(set(r) == {"prompt", "completion"} and r["prompt"] for r in rows)
+
+
+def test_console_script_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert eps.get("pikv-train") == "pikv_train.cli:main"

@@ -79,7 +79,9 @@ class CacheConfig:
     sparse_top_k: int = 0
     """FlexGen attn_sparsity: keep the top-k post-softmax probabilities per query, not renormalised (0 = off)."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> "CacheConfig":
+        """Raise a one-line ConfigError naming the fix (called by ``build_policy`` and the policies, so the
+        CLI reports it as ``error: ...`` rather than as a parse error)."""
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         b = self.budget
@@ -93,6 +95,7 @@ class CacheConfig:
             raise ConfigError(f"cache.ada_alpha={self.ada_alpha} must lie in [0, 1]")
         if self.heavy_ratio < 0 or self.recent_ratio <= 0:
             raise ConfigError("cache.recent_ratio must be > 0 and cache.heavy_ratio >= 0")
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheConfig":
@@ -115,7 +118,9 @@ def build_policy(cfg: CacheConfig | dict | None, model_cfg=None):
     """
     if isinstance(cfg, dict):
         cfg = CacheConfig.from_dict(cfg)
-    if cfg is None or cfg.policy == "full":
+    if cfg is None:
+        return None
+    if cfg.validate().policy == "full":
         return None
     from pikv_train.cache import policies as P
 

@@ -162,6 +162,30 @@ class TaskBase(L.LightningModule):
         if n_tokens > 0:
             self.val_nll.update(nll_sum / n_tokens, weight=n_tokens)
 
+    # ---------------------------------------------------------------- predict
+    predict_new_tokens: int = 32
+    """Tokens generated per prompt by ``predict`` (greedy)."""
+
+    def predict_step(self, batch, batch_idx):
+        """Greedy continuations: for prompt data the batch's prompts, for packed data each sequence's first
+        half. Returns one {"prompt", "completion"} dict of decoded text per row."""
+        from pikv_train.models.generation import generate
+
+        tok = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if "prompts" in batch:
+            prompts = list(batch["prompts"])
+        else:
+            half = max(1, batch["input_ids"].shape[1] // 2)
+            prompts = list(batch["input_ids"][:, :half])
+        gen = generate(self.student_model, prompts, self.predict_new_tokens, temperature=0.0,
+                       eos_id=getattr(tok, "eos_id", None), pad_id=getattr(tok, "pad_id", 0))
+        rows = []
+        for p, toks, m in zip(prompts, gen.tokens, gen.generated):
+            ids = toks[m].tolist()
+            decode = tok.decode if tok is not None else (lambda x: " ".join(map(str, x)))
+            rows.append({"prompt": decode(p.tolist()), "completion": decode(ids)})
+        return rows
+
     def emit_nll(self, prefix: str) -> None:
         if self.val_nll.update_count == 0:
             return

@@ -158,3 +158,30 @@ def test_rollback_equals_fresh_cache(read_mode):
         ha = model(nxt, positions=pos[:, 9:12], cache=a).hidden
         hb = model(nxt, positions=pos[:, 9:12], cache=b).hidden
     torch.testing.assert_close(ha, hb, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("read_mode", ["by_routing", "by_score"])
+def test_mask_is_causal(read_mode):
+    # Changing token 7 never changes rows 0..6 of any layer's sharding mask.
+    model = _model()
+    masks = {}
+
+    class Spy(ExpertShardedKV):
+        def training_mask(self, q, k, ctx):
+            m = super().training_mask(q, k, ctx)
+            if m is not None:
+                masks.setdefault(ctx.layer_idx, []).append(m)
+            return m
+
+    cfg = ShardingConfig(enabled=True, n_sink=1, window=1, read_mode=read_mode, read_shards=2)
+    model.set_kv_sharding(Spy(cfg, 4, 2, model.cfg.n_kv_head, model.cfg.head_dim))
+    torch.manual_seed(3)
+    ids = torch.randint(0, 258, (1, 12))
+    ids2 = ids.clone()
+    ids2[0, 7:] = (ids2[0, 7:] + 1) % 258
+    with torch.no_grad():
+        model(ids)
+        model(ids2)
+    assert set(masks) == {1, 2}
+    for a, b in masks.values():
+        assert torch.equal(a[..., :7, :], b[..., :7, :])

@@ -77,7 +77,7 @@ class CachePolicy(AttentionHook):
         cfg = cfg or CacheConfig()
         if overrides:
             cfg = CacheConfig.from_dict({**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, **overrides})
-        self.cfg = cfg
+        self.cfg = cfg.validate()
         self.seq_len: int | None = cfg.reference_len
         self.use_flex: bool | None = None  # None: FlexAttention on CUDA, SDPA + bool mask elsewhere
 

@@ -112,3 +112,28 @@ class DuoAttentionScheduler(CachePolicy):
         s, w = sink_window(budget, self.cfg.n_sink)
         retr = self.hard_gates()[ctx.layer_idx].to(q.device)
         return lambda b, h, qi, ki: retr[h] | (ki < s) | (qi - ki < w)
+
+
+@torch.no_grad()
+def calibrate_gates(model, input_ids: torch.Tensor, streaming_fraction: float = 0.5) -> torch.Tensor:
+    """Set untrained DuoAttention gates by scoring heads on the fly (as kvpress's DuoAttentionPress does
+    without released patterns): each kv-head alone is made streaming and the change of the final hidden
+    states (MSE vs full attention) is measured; the ``streaming_fraction`` of heads that change it least
+    become streaming (gate 0), the others retrieval (gate 1). Returns the (L, H_kv) errors."""
+    policy = model.cache_policy
+    was = policy.training
+    policy.eval()
+    gates = policy.gates
+    gates.fill_(1.0)
+    ref = model(input_ids).hidden
+    err = torch.zeros_like(gates)
+    for li in range(gates.shape[0]):
+        for h in range(gates.shape[1]):
+            gates[li, h] = 0.0
+            err[li, h] = (model(input_ids).hidden - ref).pow(2).mean()
+            gates[li, h] = 1.0
+    n = int(round(streaming_fraction * err.numel()))
+    order = err.flatten().argsort()[:n]
+    gates.view(-1)[order] = 0.0
+    policy.train(was)
+    return err
