@@ -15,3 +15,7 @@ class DataError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder named in the config does not exist."""
+
+
+class NonFiniteError(UserError, RuntimeError):
+    """A loss or gradient became NaN or infinite; the message names the step and the loss terms."""

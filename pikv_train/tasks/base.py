@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from pikv_train.errors import NonFiniteError
 from pikv_train.models.decoder import Decoder, DecoderOutput
 
 
@@ -77,6 +78,8 @@ class TaskBase(L.LightningModule):
         self.val_nll = MeanMetric()
         self._router_counts: list[Tensor] = []
         self._window_count = 0.0  # loss units (tokens or sequences) seen since the last optimizer step
+        self._bad_terms: dict[str, float] = {}
+        self.skipped_steps = 0
         self.last_router_counts: Tensor | None = None
         """(L, E) loads of the last optimizer step, summed over accumulation and ranks (for callbacks)."""
 
@@ -143,14 +146,50 @@ class TaskBase(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         n = torch.as_tensor(self._window_count, dtype=torch.float32, device=self.device)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # One flag for "some loss term or gradient is NaN/inf", agreed by every rank, so that all ranks stop
+        # or skip together (a rank that skipped alone would hang DDP).
+        bad = torch.tensor(float(bool(self._bad_terms)), device=self.device)
+        if grads:
+            bad = bad + (~torch.isfinite(torch.stack([g.detach().float().abs().sum() for g in grads]))).any().float()
         if self._trainer is not None and self.trainer.world_size > 1:
             n = self.trainer.strategy.reduce(n.clone(), reduce_op="sum")
-        n = n.clamp_min(1.0)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.div_(n)
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         self._window_count = 0.0
+        if bad > 0:
+            self._on_nonfinite(optimizer)
+            return
+        n = n.clamp_min(1.0)
+        for g in grads:
+            g.div_(n)
+
+    # -------------------------------------------------------------- non-finite guard
+    nonfinite: str = "stop"
+
+    def check_finite(self, terms: dict[str, Tensor]) -> None:
+        """Remember loss terms that are NaN/inf in this micro-batch (acted on before the optimizer step)."""
+        for k, v in terms.items():
+            if not torch.isfinite(torch.as_tensor(v)).all():
+                self._bad_terms[k] = float(torch.as_tensor(v).float().mean())
+
+    def _on_nonfinite(self, optimizer) -> None:
+        step = self.trainer.global_step if self._trainer is not None else -1
+        terms = ", ".join(f"{k}={v}" for k, v in self._bad_terms.items()) or "gradients only"
+        self._bad_terms = {}
+        if self.nonfinite == "skip":
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    p.grad = None  # AdamW leaves parameters without gradients untouched (no momentum step)
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            return
+        ckpt = None
+        for cb in getattr(self.trainer, "checkpoint_callbacks", []):
+            ckpt = getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None) or ckpt
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step} ({terms}); training stopped, last good checkpoint: "
+            f"{ckpt or 'none yet'}; lower optim.lr, or set nonfinite: skip to skip such steps"
+        )
 
     @property
     def student_model(self) -> Decoder:

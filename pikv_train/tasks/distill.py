@@ -81,6 +81,8 @@ class DistillationTask(TaskBase):
         seed: seed of the sampler's random streams (source choice, replay, generation).
         student_init: start the student from this checkpoint's weights (a LanguageModelTask checkpoint of
             the same architecture, e.g. a CE-trained "SFT" student, as DistiLLM and DistiLLM-2 do).
+        nonfinite: on a NaN/inf loss or gradient, ``stop`` (raise, naming the step and loss terms; the last
+            good checkpoint stays as it is) or ``skip`` the optimizer step.
     """
 
     def __init__(
@@ -97,9 +99,11 @@ class DistillationTask(TaskBase):
         skd: SKDConfig = SKDConfig(),
         seed: int = 0,
         student_init: str | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.nonfinite = nonfinite
         self.distillm_cfg = as_config(DistiLLMConfig, distillm)
         self.distillm2_cfg = as_config(DistiLLM2Config, distillm2)
         self.skd_cfg = as_config(SKDConfig, skd)
@@ -172,7 +176,7 @@ class DistillationTask(TaskBase):
         return self.teacher(input_ids).hidden
 
     def divergence_loss(self, batch, divergence: str, *, sequence_mean: bool = False, ce_weight: float | None = None,
-                        **div_kw) -> tuple[torch.Tensor, dict, object]:
+                        **div_kw) -> tuple[torch.Tensor, torch.Tensor, dict, object]:
         """Student forward + fused chunked divergence (+ CE) on ``batch``'s loss tokens.
 
         Returns (summed loss, count of loss units, detached per-unit parts, student output). With
@@ -223,6 +227,7 @@ class DistillationTask(TaskBase):
             outs = [out]
         router_loss = sum(self.log_routing(o) for o in outs) / len(outs)
         mean_loss = total.detach() / count.clamp_min(1) + self.loss_cfg.router_loss_weight * router_loss.detach()
+        self.check_finite({"kd/loss": parts["kd"], "kd/ce": parts["ce"], "router/loss": router_loss.detach()})
         self.log_dict(
             {"train/loss": mean_loss, "kd/loss": parts["kd"], "kd/ce": parts["ce"], "kd/agreement": parts["agreement"],
              **{k: torch.as_tensor(v, dtype=torch.float32) for k, v in logs.items()}},

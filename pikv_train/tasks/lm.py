@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from pikv_train.cache.config import CacheConfig, build_policy
@@ -24,6 +26,8 @@ class LanguageModelTask(TaskBase):
         cache: the KV cache policy the model trains and validates under (default: full attention).
         kv_sharding: expert-sharded KV placement (MoE models; default: off).
         init_from: start from this pikv_train checkpoint's weights (same architecture).
+        nonfinite: on a NaN/inf loss or gradient, ``stop`` (raise, naming the step and loss terms; the last
+            good checkpoint stays as it is) or ``skip`` the optimizer step.
     """
 
     def __init__(
@@ -34,9 +38,11 @@ class LanguageModelTask(TaskBase):
         cache: CacheConfig = CacheConfig(),
         kv_sharding: ShardingConfig = ShardingConfig(),
         init_from: str | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.nonfinite = nonfinite
         self.model = Decoder(as_config(ModelConfig, model))
         if init_from:
             init_student_from(self.model, init_from)
@@ -68,6 +74,7 @@ class LanguageModelTask(TaskBase):
         nll_sum, n_tok, out = self._nll(batch)
         ce = nll_sum / n_tok.clamp_min(1)
         router_loss = self.log_routing(out)
+        self.check_finite({"train/ce": ce.detach(), "router/loss": router_loss.detach()})
         self.log_dict({"train/loss": (ce + router_loss).detach(), "train/ce": ce.detach()}, on_step=True, prog_bar=True)
         return self.to_backward(nll_sum, n_tok, per_batch=router_loss)
 
