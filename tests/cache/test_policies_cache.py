@@ -149,3 +149,34 @@ def test_cli_trains_under_a_policy_and_rejects_a_bad_budget(tmp_path):
     # The ConfigError's one line reaches the user (cli.py prints it as ``error: ...`` once it unwraps
     # UserErrors that jsonargparse chains under its ValueError during class instantiation).
     assert "cache.budget=0.0 is out of range; use a fraction in (0, 1]" in proc.stderr
+
+
+def test_policy_switch_callback_switches_at_step_and_trains_new_gates():
+    from types import SimpleNamespace
+
+    from pikv_train.callbacks import CachePolicySwitch
+
+    model = Decoder(ModelConfig.preset("nano"))
+    opt = torch.optim.AdamW(model.parameters())
+    cb = CachePolicySwitch(at_step=3, cache=CacheConfig(policy="duo_attention", budget=8))
+    trainer = SimpleNamespace(global_step=2, optimizers=[opt])
+    module = SimpleNamespace(student_model=model)
+    cb.on_train_batch_start(trainer, module, None, 0)
+    assert model.cache_policy is None
+    trainer.global_step = 3
+    cb.on_train_batch_start(trainer, module, None, 0)
+    assert type(model.cache_policy).__name__ == "DuoAttentionScheduler"
+    assert opt.param_groups[-1]["params"][0] is model.cache_policy.gates
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["streaming_llm", "quest", "h2o", "duo_attention"])
+def test_cuda_flexattention_training_forward_matches_cpu_masks(name):
+    model, pol = _model("nano", name, **{**EXACT.get(name, dict(budget=12, chunk_size=4)), "quest_dense_layers": 0})
+    model.train()
+    x = torch.randint(0, 258, (2, 64))
+    ref = model(x).hidden
+    model.cuda()
+    out = model(x.cuda())
+    out.hidden.sum().backward()  # FlexAttention backward on CUDA
+    torch.testing.assert_close(out.hidden.cpu(), ref, atol=2e-4, rtol=2e-4)
