@@ -118,6 +118,7 @@ class DistillationTask(TaskBase):
         self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))
         self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache)))
         self.teacher: Decoder | None = None
+        self.shared_vocab: int | None = None  # set for Hugging Face teachers with padded LM heads
         self.teacher_cfg = as_config(TeacherConfig, teacher)
         self.loss_cfg = as_config(DistillLossConfig, loss)
         self.optim_cfg = as_config(OptimConfig, optim)
@@ -136,7 +137,9 @@ class DistillationTask(TaskBase):
         if self.teacher is not None:
             return
         teacher = load_teacher(self.teacher_cfg)
-        if teacher.cfg.vocab_size != self.student.cfg.vocab_size:
+        if self.teacher_cfg.hf_path is not None:
+            self._check_hf_teacher(teacher)
+        elif teacher.cfg.vocab_size != self.student.cfg.vocab_size:
             raise ConfigError(
                 f"teacher vocab_size={teacher.cfg.vocab_size} differs from student vocab_size="
                 f"{self.student.cfg.vocab_size}; both must use the same tokenizer (set student.vocab_size)"
@@ -148,6 +151,27 @@ class DistillationTask(TaskBase):
         self._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in self.teacher.named_parameters()] + [
             f"teacher.{n}" for n, _ in self.teacher.named_buffers()
         ]
+
+    def _check_hf_teacher(self, teacher) -> None:
+        """Same tokenizer as the data; compare only the shared real vocabulary (padded heads are sliced)."""
+        from pikv_train.tasks.hf_teacher import check_same_tokenizer
+
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "tokenizer", None) is not None:
+            check_same_tokenizer(teacher.tokenizer, dm.tokenizer)
+        real = teacher.real_vocab_size
+        if self.student.cfg.vocab_size < real:
+            raise ConfigError(
+                f"student vocab_size={self.student.cfg.vocab_size} is smaller than the teacher tokenizer's {real} "
+                f"tokens; set student.vocab_size to at least {real}"
+            )
+        if self.hparams.objective == "skd" or (self.hparams.objective == "distillm2"):
+            raise ConfigError(
+                f"objective {self.hparams.objective!r} decodes with the teacher's KV cache, which Hugging Face "
+                "teachers do not support here yet; use a pikv_train teacher checkpoint, or distillm / kd"
+            )
+        # Distill over the real shared vocabulary only: padded rows of either head are ignored.
+        self.shared_vocab = real
 
     def setup(self, stage: str) -> None:
         check_vocab(self.trainer, self.student.cfg.vocab_size, "student")
@@ -196,7 +220,7 @@ class DistillationTask(TaskBase):
             mask=weights, divergence=divergence, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
             t2_scale=cfg.t2_scale, targets=batch["targets"].flatten(),
             ce_weight=cfg.ce_weight if ce_weight is None else ce_weight, kd_weight=cfg.kd_weight,
-            reduction="sum", return_parts=True, **div_kw,
+            reduction="sum", return_parts=True, vocab_size=self.shared_vocab, **div_kw,
         )
         count = n_seq if sequence_mean else mask.sum()
         n = mask.sum().clamp_min(1)
@@ -243,9 +267,10 @@ class DistillationTask(TaskBase):
         out = self.student(batch["input_ids"])
         mask = batch["loss_mask"].flatten().bool()
         _, parts = chunked_distill_loss(
-            out.hidden.flatten(0, 1), self.student.head_weight, t_hidden.flatten(0, 1), self.teacher.head_weight,
+            out.hidden.flatten(0, 1), self.student.head_weight, t_hidden.flatten(0, 1).to(out.hidden.dtype),
+            self.teacher.head_weight.to(out.hidden.dtype),
             mask=mask, divergence="fkl", chunk_size=cfg.chunk_size, targets=batch["targets"].flatten(),
-            ce_weight=1.0, kd_weight=1.0, return_parts=True, reduction="sum",
+            ce_weight=1.0, kd_weight=1.0, return_parts=True, reduction="sum", vocab_size=self.shared_vocab,
         )
         n = mask.sum()
         self.log_val_nll(parts["ce"], n)

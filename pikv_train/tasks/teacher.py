@@ -5,6 +5,7 @@ from __future__ import annotations
 from pikv_train.errors import ConfigError, MissingFileError
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -19,8 +20,12 @@ class TeacherConfig:
 
     checkpoint: str | None = None
     """A checkpoint written by LanguageModelTask (e.g. runs/teacher/checkpoints/last.ckpt)."""
-    dtype: str = "float32"
-    """Teacher weights dtype: float32 | bfloat16 | float16."""
+    hf_path: str | None = None
+    """A local folder holding a Hugging Face causal LM and its tokenizer (instead of checkpoint)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Teacher weights dtype."""
+    trust_remote_code: bool = False
+    """Allow a Hugging Face teacher folder to run its own modelling code (off unless you trust it)."""
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -36,10 +41,21 @@ def read_checkpoint(path: str | Path) -> dict:
     return load_checkpoint_file(path)
 
 
-def load_teacher(cfg: TeacherConfig) -> Decoder:
-    """Build the teacher decoder from ``cfg.checkpoint`` and freeze it."""
+def load_teacher(cfg: TeacherConfig):
+    """Build the teacher (our decoder from ``cfg.checkpoint``, or a Hugging Face model) and freeze it."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    if cfg.checkpoint is not None and cfg.hf_path is not None:
+        raise ConfigError("set teacher.checkpoint or teacher.hf_path, not both")
+    if cfg.hf_path is not None:
+        from pikv_train.tasks.hf_teacher import HFTeacher
+
+        model = HFTeacher(cfg.hf_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).eval()
+        model.requires_grad_(False)
+        return model
     if cfg.checkpoint is None:
-        raise ConfigError("no teacher given: set model.init_args.teacher.checkpoint to a LanguageModelTask checkpoint")
+        raise ConfigError(
+            "no teacher given: set model.init_args.teacher.checkpoint (a LanguageModelTask checkpoint) or teacher.hf_path"
+        )
     ckpt = read_checkpoint(cfg.checkpoint)
     if "pikv_model_config" not in ckpt or ckpt.get("pikv_task") != "lm":
         raise ConfigError(
@@ -55,7 +71,6 @@ def load_teacher(cfg: TeacherConfig) -> Decoder:
             f"teacher checkpoint {cfg.checkpoint!r} does not fit its own architecture "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the file is damaged or from another version"
         )
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     model = model.to(dtype).eval()
     model.requires_grad_(False)
     return model
