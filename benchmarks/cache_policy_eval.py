@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from pikv_train.cache import CacheConfig, build_policy
-from pikv_train.cache.policies import ChunkSequentialPolicy, calibrate_gates, dense_probs
+from pikv_train.cache.policies import calibrate_gates, dense_probs
 from pikv_train.data import TextDataModule
 from pikv_train.evaluate import evaluate, load_decoder
 from pikv_train.models.hooks import AttentionHook
@@ -37,14 +37,10 @@ BUDGETS = [1.0, 0.5, 0.25, 0.125]
 def set_policy(model, name: str, budget: float, calib: torch.Tensor):
     policy = build_policy(CacheConfig(policy=name, budget=budget), model.cfg)
     model.set_cache_policy(policy)
-    if name == "duo_attention" and not _trained_gates(model):
+    if name == "duo_attention":  # none of these students was trained with DuoAttention gates
         calibrate_gates(model, calib)
     model.eval()  # after attaching: DuoAttention thresholds its gates in eval mode
     return policy
-
-
-def _trained_gates(model) -> bool:
-    return False  # the students here were not trained with DuoAttention
 
 
 class _Recorder(AttentionHook):

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pikv_train.data.corpus import embedded_documents
 from pikv_train.data.prompts import PromptCollator, PromptDataset, windows_from_stream
+from pikv_train.data.sampler import ResumableRandomSampler
 from pikv_train.data.tokenizer import Tokenizer, build_tokenizer
 
 _FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -222,10 +223,29 @@ class TextDataModule(L.LightningDataModule):
             )
 
     # ------------------------------------------------------------ dataloaders
+    def state_dict(self) -> dict:
+        """Position in the training order (saved in checkpoints, so a resumed run continues mid-epoch)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        loop = trainer.fit_loop.epoch_loop
+        # `processed`, not `completed`: checkpoints are written in on_train_batch_end, before `completed` moves.
+        return {"epoch": trainer.current_epoch, "batches_done": int(loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
+
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.hparams.shuffle_seed)
+        sampler = ResumableRandomSampler(len(self.train_set), seed=self.hparams.shuffle_seed)
+        resume = getattr(self, "_resume", None)
+        if resume:
+            # Skip what the interrupted run already consumed in this epoch (in samples).
+            sampler.set_epoch(resume.get("epoch", 0))
+            world = self.trainer.world_size if self.trainer is not None else 1
+            sampler.skip = min(len(self.train_set), resume.get("batches_done", 0) * self.hparams.batch_size * world)
+            self._resume = None
         return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=g, collate_fn=self.collate,
+            self.train_set, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=self.collate,
             # Full batches only (fixed shapes), unless the split is smaller than one batch.
             drop_last=len(self.train_set) >= self.hparams.batch_size,
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,

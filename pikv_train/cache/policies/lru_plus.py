@@ -7,7 +7,6 @@ sinks and the chunk-sequential schedule as in LRU / H2O.
 
 from __future__ import annotations
 
-import torch
 
 from pikv_train.cache.policies.sequential import ChunkSequentialPolicy
 
