@@ -96,6 +96,17 @@ class PiKVCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out_dir", type=str, default="runs/default", help="Folder for this run's outputs.")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyper-parameters here; check the file ourselves first so a missing,
+        # damaged or foreign file gives a one-line error instead of an unpickling traceback.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best", "hpc") and not str(ckpt).startswith("registry"):
+            from pikv_train.tasks.teacher import read_checkpoint
+
+            read_checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
     def _instantiate_trainer(self, config, callbacks):
         # Lightning types limit_*_batches as float|int, so a YAML `limit_val_batches: 1` arrives as 1.0, which
         # Lightning reads as "100%". A whole number here always means a batch count (null means all).
@@ -107,13 +118,33 @@ class PiKVCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
-        self._print_config("fit")
+        self._preflight("fit")
 
     def before_validate(self) -> None:
-        self._print_config("validate")
+        self._preflight("validate")
 
     def before_test(self) -> None:
-        self._print_config("test")
+        self._preflight("test")
+
+    def before_predict(self) -> None:
+        self._preflight("predict")
+
+    def _preflight(self, sub: str) -> None:
+        """Fail on bad input before Lightning writes anything (config.yaml, W&B files, checkpoints)."""
+        self._print_config(sub)
+        dm, model = self.datamodule, self.model
+        if dm is None or not hasattr(model, "preflight"):
+            return
+        dm.setup(sub)  # idempotent; the trainer's own setup call later reuses the loaded data
+        attached = getattr(model, "_trainer", None)
+        model.trainer = self.trainer  # the checks read trainer.datamodule
+        self.trainer.datamodule = dm
+        try:
+            model.preflight()
+            if hasattr(model, "configure_model") and sub in ("fit", "validate", "test"):
+                model.configure_model()  # e.g. load the teacher now: a bad teacher fails before any file is written
+        finally:
+            model.trainer = attached
 
     def _print_config(self, sub: str) -> None:
         if os.environ.get("PIKV_QUIET_CONFIG"):
@@ -151,11 +182,28 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
-    except Exception as e:  # jsonargparse parse errors (unknown keys, bad types)
-        if type(e).__name__ != "ArgumentError" or os.environ.get("PIKV_DEBUG"):
+    except Exception as e:  # jsonargparse parse errors (unknown keys, bad types), possibly wrapping ours
+        if os.environ.get("PIKV_DEBUG"):
             raise
-        print(f"error: {_summarise_parse_error(str(e))}", file=sys.stderr)
+        inner = _find_user_error(e)
+        if inner is not None:
+            print(f"error: {_one_line(inner)}", file=sys.stderr)
+        elif type(e).__name__ == "ArgumentError":
+            print(f"error: {_summarise_parse_error(str(e))}", file=sys.stderr)
+        else:
+            raise
         raise SystemExit(2) from None
+
+
+def _find_user_error(e: BaseException) -> UserError | None:
+    """Our own error inside a chain of wrappers (jsonargparse re-raises what dataclass checks raise)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _summarise_parse_error(msg: str) -> str:

@@ -32,7 +32,7 @@ from pikv_train.tasks.onpolicy import _as_rng_state, distillm2_loss, distillm_ba
 from pikv_train.models.config import ModelConfig, MoEConfig
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
-from pikv_train.tasks.checks import check_vocab
+from pikv_train.tasks.checks import check_positions, check_vocab
 from pikv_train.tasks.teacher import TeacherConfig, init_student_from, load_teacher
 
 
@@ -174,7 +174,12 @@ class DistillationTask(TaskBase):
         self.shared_vocab = real
 
     def setup(self, stage: str) -> None:
+        self.preflight()
+
+    def preflight(self) -> None:
+        """Checks that need the data module and the teacher; the CLI runs them before anything is written."""
         check_vocab(self.trainer, self.student.cfg.vocab_size, "student")
+        check_positions(self.trainer, self.student.cfg.max_seq_len, "student")
         dm = getattr(self.trainer, "datamodule", None)
         if self.hparams.objective != "kd" and dm is not None and getattr(dm.hparams, "mode", "prompts") != "prompts":
             raise ConfigError(

@@ -33,8 +33,8 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(
-            f"checkpoint not found: {str(path)!r}; train a teacher first "
-            "(python -m pikv_train fit --config recipes/teacher.yaml) or fix the path"
+            f"checkpoint not found: {str(path)!r}; fix the path (a teacher checkpoint comes from "
+            "python -m pikv_train fit --config recipes/teacher.yaml)"
         )
     from pikv_train.tasks.safe_load import load_checkpoint_file
 
