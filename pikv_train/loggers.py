@@ -60,6 +60,12 @@ class WandbLogger(_LightningWandbLogger):
             kwargs["tags"] = tags
         if group:
             kwargs["group"] = group
+        base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        if not offline and not _reachable(base_url):
+            # Decide now, in seconds, rather than wait for W&B's own time-outs at the first log call.
+            rank_zero_warn(f"W&B server {base_url} is unreachable; logging offline (sync later with `wandb sync`)")
+            offline = True
+            os.environ["WANDB_MODE"] = "offline"
         if offline:
             os.environ.setdefault("WANDB_MODE", "offline")
             log_model = False  # Lightning refuses log_model with offline=True
@@ -73,18 +79,45 @@ class WandbLogger(_LightningWandbLogger):
     @property
     def experiment(self):
         if self._failed:
-            return DummyExperiment()
+            return self._disabled_run()
         try:
             return super().experiment
         except Exception as e:  # noqa: BLE001 - any W&B failure must leave training alone
             if not self._offline:
-                rank_zero_warn(f"W&B online init failed ({type(e).__name__}: {e}); logging offline instead")
-                self._offline = True
-                os.environ["WANDB_MODE"] = "offline"
+                rank_zero_warn(f"W&B online init failed ({type(e).__name__}: {str(e)[:200]}); logging offline instead")
+                self._go_offline()
                 try:
                     return super().experiment
                 except Exception as e2:  # noqa: BLE001
                     e = e2
-            rank_zero_warn(f"W&B is unavailable ({type(e).__name__}: {e}); training continues without it")
+            rank_zero_warn(f"W&B is unavailable ({type(e).__name__}: {str(e)[:200]}); training continues without it")
             self._failed = True
-            return DummyExperiment()
+            return self._disabled_run()
+
+    def _go_offline(self) -> None:
+        self._offline = True
+        self._wandb_init["mode"] = "offline"
+        os.environ["WANDB_MODE"] = "offline"
+        self._experiment = None
+
+    def _disabled_run(self):
+        """A do-nothing W&B run (every API call accepted, nothing sent or written)."""
+        if self._experiment is None or not self._failed:
+            import wandb
+
+            self._experiment = wandb.init(mode="disabled")
+        return self._experiment
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((u.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
