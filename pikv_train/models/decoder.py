@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pikv_train.models.attention import CausalSelfAttention
 from pikv_train.models.config import ModelConfig
@@ -71,6 +72,8 @@ class Decoder(nn.Module):
         # Attention hooks (see models/hooks.py): expert-sharded KV placement and the cache policy.
         self.kv_sharding: AttentionHook | None = None
         self.cache_policy: AttentionHook | None = None
+        # Recompute each block's activations in the backward instead of storing them (training only).
+        self.activation_checkpointing = False
         self.apply(self._init)
         # GPT-2 style: scale residual output projections by depth so the residual stream starts small.
         for name, p in self.named_parameters():
@@ -135,10 +138,12 @@ class Decoder(nn.Module):
         hooks = [h for h in (self.kv_sharding, self.cache_policy) if h is not None] if cache is None else []
         for i, block in enumerate(self.blocks):
             ctx = AttentionContext(layer_idx=i, positions=positions, routing_by_layer=by_layer, stats=stats)
-            x, r = block(
-                x, cos, sin, cache=cache, layer_idx=i, positions=positions,
-                mask=None if masks is None else masks[i], hooks=hooks, ctx=ctx,
-            )
+            kw = dict(cache=cache, layer_idx=i, positions=positions, mask=None if masks is None else masks[i],
+                      hooks=hooks, ctx=ctx)
+            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x, r = checkpoint(block, x, cos, sin, use_reentrant=False, **kw)
+            else:
+                x, r = block(x, cos, sin, **kw)
             if r is not None:
                 routing.append(r)
                 by_layer[i] = r

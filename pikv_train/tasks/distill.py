@@ -83,6 +83,8 @@ class DistillationTask(TaskBase):
             the same architecture, e.g. a CE-trained "SFT" student, as DistiLLM and DistiLLM-2 do).
         nonfinite: on a NaN/inf loss or gradient, ``stop`` (raise, naming the step and loss terms; the last
             good checkpoint stays as it is) or ``skip`` the optimizer step.
+        activation_checkpointing: recompute each decoder block in the backward instead of storing its
+            activations (less memory, about a third more compute).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class DistillationTask(TaskBase):
         seed: int = 0,
         student_init: str | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -113,6 +116,7 @@ class DistillationTask(TaskBase):
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.student = Decoder(as_config(ModelConfig, student))
+        self.student.activation_checkpointing = activation_checkpointing
         if student_init:
             init_student_from(self.student, student_init)
         self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))

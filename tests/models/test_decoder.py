@@ -125,3 +125,18 @@ def test_lm_head_is_tied_and_logits_shape():
     out = model(torch.zeros(2, 3, dtype=torch.long))
     assert model.logits(out.hidden).shape == (2, 3, 258)
     assert F.softmax(model.logits(out.hidden), -1).sum(-1).allclose(torch.ones(2, 3))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig.preset("nano-moe"))
+    x = torch.randint(0, 258, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ckpt
+        out = model(x)
+        (model.logits(out.hidden).logsumexp(-1).mean() + out.router_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
