@@ -96,6 +96,26 @@ class PiKVCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out_dir", type=str, default="runs/default", help="Folder for this run's outputs.")
 
+    def before_instantiate_classes(self) -> None:
+        # A Hugging Face teacher brings its tokenizer: unless set otherwise, the data uses it and the student's
+        # vocabulary is sized to it (258 is the byte tokenizer's size, the default).
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        init = cfg.get("model", {}).get("init_args") if cfg.get("model") is not None else None
+        teacher = init.get("teacher") if init is not None else None
+        hf_path = teacher.get("hf_path") if teacher is not None else None
+        if not hf_path:
+            return
+        if cfg.data.tokenizer == "byte":
+            cfg.data.tokenizer = hf_path
+            rank_zero_info(f"data.tokenizer: using the teacher's tokenizer ({hf_path})")
+        student = init.get("student")
+        if student is not None and student.vocab_size == 258 and cfg.data.tokenizer == hf_path:
+            from pikv_train.data.tokenizer import build_tokenizer
+
+            student.vocab_size = build_tokenizer(hf_path).vocab_size
+            rank_zero_info(f"student.vocab_size: {student.vocab_size} (the teacher tokenizer's size)")
+
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyper-parameters here; check the file ourselves first so a missing,
         # damaged or foreign file gives a one-line error instead of an unpickling traceback.

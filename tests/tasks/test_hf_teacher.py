@@ -54,11 +54,12 @@ def test_hf_teacher_end_to_end_with_padded_vocabulary(tmp_path):
           init_args:
             student: configs/model/nano_moe.yaml
             teacher: {{hf_path: {folder}}}
-        data: {{tokenizer: {folder}, seq_len: 32, batch_size: 2, max_documents: 8}}
+        data: {{seq_len: 32, batch_size: 2, max_documents: 8}}
         trainer: {{max_steps: 3, limit_val_batches: 2, val_check_interval: 3, enable_progress_bar: false}}
         """,
     )
-    proc = run_cli("fit", "--config", str(recipe), "--model.init_args.student.vocab_size", str(real))
+    # No data.tokenizer and no student vocab_size: both follow the teacher's tokenizer.
+    proc = run_cli("fit", "--config", str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3
@@ -104,6 +105,8 @@ def test_different_tokenizers_are_refused(tmp_path):
         trainer: {{max_steps: 1}}
         """,
     )
-    proc = run_cli("fit", "--config", str(recipe), "--model.init_args.student.vocab_size", "320")
+    other = tmp_path / "other_tok"
+    _tokenizer(["completely different text " * 50], 280).save_pretrained(other)
+    proc = run_cli("fit", "--config", str(recipe), "--data.tokenizer", str(other), "--model.init_args.student.vocab_size", "320")
     assert proc.returncode == 2
-    assert "set data.tokenizer to the teacher folder" in proc.stderr.strip().splitlines()[-1]
+    assert "teacher and data tokenizers differ" in proc.stderr.strip().splitlines()[-1]
