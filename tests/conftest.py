@@ -6,8 +6,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Triton kernels run in the interpreter on CPU; the variable must be set before anything imports triton.
+if not os.environ.get("PIKV_GPU_TESTS"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/wandb_reader.py and helpers

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 from pathlib import Path
 
@@ -63,7 +62,8 @@ def test_fit_then_resume_from_last_continues_from_the_saved_step(tmp_path):
     assert "Restoring states from the checkpoint" in second.stderr + second.stdout
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 5  # 3 restored + 2 new, not 5 from scratch
-    runs = sorted(glob.glob(str(tmp_path / "res" / "wandb" / "offline-run-*" / "run-*.wandb")), key=os.path.getmtime)
+    # Folder names start with the run's start time: the second run sorts last.
+    runs = sorted(glob.glob(str(tmp_path / "res" / "wandb" / "offline-run-*" / "run-*.wandb")))
     assert len(runs) == 2
     history = read_history(runs[-1])
     steps = [r["trainer/global_step"] for r in history if "train/loss" in r]

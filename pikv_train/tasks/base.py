@@ -110,6 +110,26 @@ class TaskBase(L.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False)
         return loss
 
+    def log_hook_stats(self, out: DecoderOutput) -> Tensor:
+        """Log the attention hooks' statistics (``cache/*``, ``router/kv_*``) and return their penalties.
+
+        Keys ending in ``_penalty`` (e.g. DuoAttention's L1 on its gates) are differentiable loss terms;
+        keys starting with ``_`` are private bookkeeping.
+        """
+        penalty = out.hidden.new_zeros((), dtype=torch.float32)
+        logs = {}
+        for k, v in out.stats.items():
+            if k.startswith("_"):
+                continue
+            if k.endswith("_penalty") and isinstance(v, Tensor):
+                penalty = penalty + v.float()
+            v = torch.as_tensor(v.detach() if isinstance(v, Tensor) else v, dtype=torch.float32)
+            if v.numel() == 1:
+                logs[k] = v.reshape(())
+        if logs:
+            self.log_dict(logs, on_step=True, on_epoch=False)
+        return penalty
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Router statistics that persist (EPLB bias, load averages) change only here, after the optimizer

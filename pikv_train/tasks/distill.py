@@ -258,7 +258,8 @@ class DistillationTask(TaskBase):
             batch, logs = skd_batch(self, batch)
             total, count, parts, out = self.divergence_loss(batch, "fkl", sequence_mean=True)
             outs = [out]
-        router_loss = sum(self.log_routing(o) for o in outs) / len(outs)
+        # Router losses and hook penalties (e.g. DuoAttention's gate L1), averaged over the student forwards.
+        router_loss = sum(self.log_routing(o) + self.log_hook_stats(o) for o in outs) / len(outs)
         mean_loss = total.detach() / count.clamp_min(1) + self.loss_cfg.router_loss_weight * router_loss.detach()
         self.check_finite({"kd/loss": parts["kd"], "kd/ce": parts["ce"], "router/loss": router_loss.detach()})
         self.log_dict(

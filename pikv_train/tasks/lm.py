@@ -82,7 +82,7 @@ class LanguageModelTask(TaskBase):
     def training_step(self, batch, batch_idx):
         nll_sum, n_tok, out = self._nll(batch)
         ce = nll_sum / n_tok.clamp_min(1)
-        router_loss = self.log_routing(out)
+        router_loss = self.log_routing(out) + self.log_hook_stats(out)
         self.check_finite({"train/ce": ce.detach(), "router/loss": router_loss.detach()})
         self.log_dict({"train/loss": (ce + router_loss).detach(), "train/ce": ce.detach()}, on_step=True, prog_bar=True)
         return self.to_backward(nll_sum, n_tok, per_batch=router_loss)
