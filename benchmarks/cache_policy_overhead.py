@@ -56,6 +56,7 @@ def main() -> None:
     model = Decoder(cfg).train()
     x = torch.randint(0, cfg.vocab_size, (1, args.seq_len))
     rows = []
+    step_time(model, x, 2)  # process warm-up (allocator, kernels) before the first timed policy
     for name in POLICIES:
         pol = build_policy(CacheConfig(policy=name, budget=args.budget if name != "full" else 1.0), cfg)
         if name == "duo_attention":

@@ -23,7 +23,11 @@ def load_decoder(path: str | Path) -> Decoder:
     cfg = ModelConfig.from_dict(ckpt["pikv_model_config"])
     prefix = "model." if ckpt.get("pikv_task") == "lm" else "student."
     model = Decoder(cfg)
-    model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    # Learned hook parameters (DuoAttention gates) belong to the cache policy, not the architecture: callers
+    # attach a policy and load them with load_hook_state() when they want them.
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(("cache_policy.", "kv_sharding."))})
+    model.hook_state = {k: v for k, v in state.items() if k.startswith(("cache_policy.", "kv_sharding."))}
     return model.eval()
 
 

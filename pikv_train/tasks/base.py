@@ -44,9 +44,11 @@ def as_config(cls, value):
 def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     """AdamW over ``module``'s trainable parameters with the warm-up + cosine schedule."""
     decay, no_decay = [], []
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # Matrices decay; vectors and the attention hooks' gates (DuoAttention) do not.
+            hook = name.startswith(("cache_policy.", "kv_sharding."))
+            (decay if p.ndim >= 2 and not hook else no_decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

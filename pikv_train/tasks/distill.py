@@ -120,7 +120,7 @@ class DistillationTask(TaskBase):
         if student_init:
             init_student_from(self.student, student_init)
         self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))
-        self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache)))
+        self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache), self.student.cfg))
         self.teacher: Decoder | None = None
         self.shared_vocab: int | None = None  # set for Hugging Face teachers with padded LM heads
         self.teacher_cfg = as_config(TeacherConfig, teacher)

@@ -51,7 +51,7 @@ class LanguageModelTask(TaskBase):
         if init_from:
             init_student_from(self.model, init_from)
         self.model.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.model.cfg))
-        self.model.set_cache_policy(build_policy(as_config(CacheConfig, cache)))
+        self.model.set_cache_policy(build_policy(as_config(CacheConfig, cache), self.model.cfg))
         self.optim_cfg = as_config(OptimConfig, optim)
         self.chunk_size = chunk_size
 

@@ -28,6 +28,10 @@ class TeacherConfig:
     """Allow a Hugging Face teacher folder to run its own modelling code (off unless you trust it)."""
 
 
+# Parameters of attention hooks (e.g. DuoAttention gates) are not part of the architecture.
+_HOOK_PREFIXES = ("cache_policy.", "kv_sharding.")
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """torch.load a Lightning checkpoint with ``weights_only`` (no arbitrary unpickling), with clear errors."""
     path = Path(path)
@@ -65,6 +69,7 @@ def load_teacher(cfg: TeacherConfig):
     mcfg = ModelConfig.from_dict(ckpt["pikv_model_config"])
     model = Decoder(mcfg)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k: v for k, v in state.items() if not k.startswith(_HOOK_PREFIXES)}  # teachers attend fully
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
@@ -83,6 +88,7 @@ def init_student_from(student: Decoder, path: str) -> None:
     if prefix is None:
         raise ConfigError(f"{path!r} is not a pikv_train checkpoint; student_init needs one written by pikv_train")
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith(_HOOK_PREFIXES)}
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -176,6 +176,7 @@ def test_policy_switch_callback_switches_at_step_and_trains_new_gates():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["streaming_llm", "quest", "h2o", "duo_attention"])
 def test_cuda_flexattention_training_forward_matches_cpu_masks(name):
     model, pol = _model("nano", name, **{**EXACT.get(name, dict(budget=12, chunk_size=4)), "quest_dense_layers": 0})
