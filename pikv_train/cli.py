@@ -184,6 +184,8 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
     # Epoch-level metrics come from torchmetrics objects, which synchronise across ranks themselves.
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # The frozen teacher is in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     argv = list(sys.argv[1:] if args is None else args)
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
