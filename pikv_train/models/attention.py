@@ -72,6 +72,8 @@ class CausalSelfAttention(nn.Module):
                     break
         if y is None:
             y = attend(q, k, v, mask, self.n_head // self.n_kv_head)
+        if ctx is not None and getattr(ctx, "want_attention_probs", False) and cache is None:
+            ctx.attention_probs = attention_probs(q, k, mask, self.n_head // self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
@@ -83,3 +85,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int) -> 
         # Per-kv-head masks apply to every query head of the group: (B, H_kv, ...) -> (B, H, ...).
         mask = mask.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
+
+
+@torch.no_grad()
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None, group: int) -> Tensor:
+    """Dense no-grad attention probabilities (B, H, T, T) under ``mask`` (causal when None).
+
+    Used for detached training targets (PiKVRouter's importance head); never in the forward output.
+    """
+    t = q.shape[2]
+    kk = k.repeat_interleave(group, dim=1) if group > 1 else k
+    scores = (q.float() @ kk.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+    elif mask.shape[1] > 1 and group > 1:
+        mask = mask.repeat_interleave(group, dim=1)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)

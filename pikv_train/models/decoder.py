@@ -50,10 +50,22 @@ class Block(nn.Module):
         self.ffn = MoEFeedForward(cfg.d_model, cfg.moe) if cfg.moe is not None else SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **attn_kw) -> tuple[Tensor, RouterOutput | None]:
+        ctx = attn_kw.get("ctx")
+        # PiKVRouter learns to predict the attention mass a token receives in this layer (detached target).
+        wants_mass = (
+            self.training and ctx is not None and attn_kw.get("cache") is None
+            and isinstance(self.ffn, MoEFeedForward) and hasattr(self.ffn.router, "importance_loss")
+        )
+        if wants_mass:
+            ctx.want_attention_probs = True
         x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kw)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoEFeedForward):
-            y, routing = self.ffn(h)
+            target = None
+            if wants_mass and ctx.attention_probs is not None:
+                target = self.ffn.router.attention_mass_target(ctx.attention_probs, relative=True)  # (B, T)
+                ctx.attention_probs = None
+            y, routing = self.ffn(h, importance_target=target)
             return x + y, routing
         return x + self.ffn(h), None
 

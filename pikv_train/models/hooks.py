@@ -27,6 +27,10 @@ class AttentionContext:
     positions: Tensor
     routing_by_layer: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    want_attention_probs: bool = False
+    """Set by the block when its router needs detached attention statistics (PiKVRouter)."""
+    attention_probs: Tensor | None = None
+    """(B, H, T, T) no-grad attention probabilities of this layer, when requested."""
 
 
 class AttentionHook(nn.Module):

@@ -25,11 +25,17 @@ class MoEFeedForward(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(d_model, cfg.d_expert) for _ in range(cfg.n_experts))
         self.shared = SwiGLU(d_model, cfg.d_expert) if cfg.shared_expert else None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, RouterOutput]:
-        """x (B, T, d) -> (y (B, T, d), routing decisions for the B*T tokens)."""
+    def forward(self, x: Tensor, importance_target: Tensor | None = None) -> tuple[Tensor, RouterOutput]:
+        """x (B, T, d) -> (y (B, T, d), routing decisions for the B*T tokens).
+
+        importance_target: (B, T) detached attention mass per token, for routers with an importance head
+        (PiKVRouter); its regression loss joins the router's losses.
+        """
         b, t, d = x.shape
         xf = x.reshape(b * t, d)  # (N, d)
         r = self.router(xf)
+        if importance_target is not None and "importance" in r.extras:
+            r.losses["importance"] = self.router.importance_loss(r.extras["importance"], importance_target.reshape(-1))
         k = r.ids.shape[1]
         token_idx = torch.arange(b * t, device=x.device).unsqueeze(1).expand(-1, k)[r.valid]  # (A,)
         expert_idx = r.ids[r.valid]  # (A,)

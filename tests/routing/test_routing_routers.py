@@ -372,3 +372,22 @@ def test_capacity_on_dynamic_k_router():
     assert (out.counts.sum() - out.valid.sum()).item() == out.stats["dropped"].item()
     cap = math.ceil(2 * 16 * 0.5 / 4)
     assert torch.bincount(out.ids[out.valid], minlength=4).max() <= cap
+
+
+def test_pikv_importance_head_is_trained_on_detached_attention_mass():
+    from pikv_train.models import Decoder, ModelConfig, MoEConfig
+    from pikv_train.routing import RouterConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=64,
+                      moe=MoEConfig(n_experts=4, d_expert=32, router=RouterConfig(name="pikv", top_k=2)))
+    model = Decoder(cfg).train()
+    out = model(torch.randint(0, 256, (2, 24)))
+    assert all("importance" in r.losses for r in out.routing)
+    out.router_loss.backward()
+    head = model.blocks[0].ffn.router
+    grads = [p.grad for n, p in head.named_parameters() if "importance" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    # Eval / decoding computes no target and no loss.
+    model.eval()
+    assert all("importance" not in r.losses for r in model(torch.randint(0, 256, (1, 8))).routing)
