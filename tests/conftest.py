@@ -36,6 +36,9 @@ def _hermetic(tmp_path_factory, monkeypatch):
 def cli_env(**extra) -> dict:
     """Environment for CLI subprocesses: offline W&B, no config echo unless asked."""
     env = dict(os.environ)
+    # An in-process W&B run (tests/test_wandb_logging.py) exports WANDB_SERVICE; a child that inherits it
+    # would log through the parent's service and exit before its run file is flushed.
+    env.pop("WANDB_SERVICE", None)
     env.update({"WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "PIKV_QUIET_CONFIG": "1"})
     env.update(extra)
     return env
