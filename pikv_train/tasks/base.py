@@ -104,11 +104,7 @@ class TaskBase(L.LightningModule):
             vals = [r.stats[key] for r in out.routing if key in r.stats]
             if vals:
                 logs[f"{prefix}/{key}"] = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).mean()
-        # Hook statistics of the forward under the router namespace (e.g. router/kv_read_fraction from
-        # expert-sharded KV); underscore keys are bookkeeping.
-        for key, val in out.stats.items():
-            if key.startswith(f"{prefix}/"):
-                logs[key] = torch.as_tensor(val, dtype=torch.float32).detach()
+        # Hook statistics (router/kv_read_fraction, cache/*) are logged by log_hook_stats.
         self.log_dict(logs, on_step=True, on_epoch=False)
         return loss
 
