@@ -73,7 +73,10 @@ def total_training_steps(trainer: L.Trainer) -> int:
 
 
 class TaskBase(L.LightningModule):
-    """Router metrics, global-step token accounting and validation NLL shared by the tasks."""
+    """Router metrics, global-step token accounting and validation NLL shared by the tasks.
+
+    Subclasses expose the trained decoder as the ``student_model`` property.
+    """
 
     def __init__(self):
         super().__init__()
@@ -208,10 +211,6 @@ class TaskBase(L.LightningModule):
             f"non-finite loss or gradient at step {step} ({terms}); training stopped, last good checkpoint: "
             f"{ckpt or 'none yet'}; lower optim.lr, or set nonfinite: skip to skip such steps"
         )
-
-    @property
-    def student_model(self) -> Decoder:
-        raise NotImplementedError
 
     # ------------------------------------------------------------- validation
     def log_val_nll(self, nll_sum: Tensor, n_tokens: Tensor) -> None:
