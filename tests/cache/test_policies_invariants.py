@@ -105,3 +105,19 @@ def test_chunked_h2o_differs_from_per_token_but_mostly_agrees():
     chunked = _policy("h2o", chunk_size=4).mask_from_probs(a, BUDGET)
     agree = (per_token & chunked).sum() / (per_token | chunked).sum()
     assert 0.5 < float(agree) < 1.0
+
+
+@pytest.mark.parametrize("name", ["h2o", "lru", "lru_plus"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_chunk_sequential_uses_the_whole_budget(name, chunk):
+    """Heavy slots go only to keys leaving the window: with budget = T nothing is dropped, and past the
+    budget the last row of every chunk reads exactly ``budget`` keys (earlier rows of the chunk still
+    see some kept keys through the window, at most C - 1 slots short)."""
+    q, k = _qk(5)
+    a = dense_probs(q, k)
+    pol = _policy(name, chunk_size=chunk)
+    assert torch.equal(pol.mask_from_probs(a, T), torch.ones(T, T, dtype=torch.bool).tril().expand(B, HKV, T, T))
+    counts = pol.mask_from_probs(a, BUDGET).sum(-1)  # (B, H_kv, T)
+    last_rows = torch.arange(T)[(torch.arange(T) % chunk == chunk - 1) & (torch.arange(T) >= BUDGET - 1)]
+    assert (counts[..., last_rows] == BUDGET).all()
+    assert (counts[..., BUDGET - 1:] > BUDGET - chunk).all()

@@ -1,11 +1,14 @@
 """Chunk-sequential eviction shared by H2O, LRU and LRU+ (SPEC §4, anchors §2.1/§2.5).
 
 Row i of chunk c (rows [cC, (c+1)C)) reads ``sinks ∪ recent window (i - j < R) ∪ keep_c``. At each
-boundary s0 = cC the candidates are ``keep_{c-1}`` plus the keys still in the window of row s0 - 1
-(``j >= s0 - R``); ``keep_c`` is the top ``H`` candidates by the policy's score, computed from the
-attention rows < s0 (exclusive prefix). A candidate not kept leaves as soon as it exits the window and
-never comes back (C3). Budget split: ``s`` sinks, ``R`` recent, ``H`` heavy with s + R + H = budget;
-C is capped at R so that every key is a candidate before it leaves the window.
+boundary s0 = cC the candidates are ``keep_{c-1}`` plus the keys that leave the recent window during
+chunk c (``s0 - R <= j < s0 + C - R``: still in the window of row s0 - 1, gone by row s0 + C - 1);
+``keep_c`` is the top ``H`` candidates by the policy's score, computed from the attention rows < s0
+(exclusive prefix). Keys that stay in the window for the whole chunk are decided at a later boundary,
+so no heavy slot is spent on a key the window shows anyway (with budget = T nothing is ever dropped).
+A candidate not kept leaves as soon as it exits the window and never comes back (C3). Budget split:
+``s`` sinks, ``R`` recent, ``H`` heavy with s + R + H = budget; C is capped at R so that every key is
+a candidate before it leaves the window.
 
 Training scores come from a dense no-grad attention pass (``dense_probs``): deviation (a) from the
 published algorithms, whose scores come from attention renormalised over the kept set; decisions every
@@ -14,8 +17,7 @@ by the same dense rows; it agrees exactly with the parallel mask for the same C 
 inference cache runs the same per-token loop on its own (budgeted) attention, i.e. the real algorithm.
 Measured agreement of C = 32 with per-token (C = 1) decisions, budget 0.25, T = 256 (IoU of visible sets /
 identical rows): H2O 0.932 / 21.7%, LRU 0.782 / 16.4%, LRU+ 0.888 / 17.1% (benchmarks/cache_policy_eval.py
---agreement). Known limitation: in-window candidates compete for the H slots at a boundary, so even at
-budget 1.0 LRU/LRU+ drop a few old keys (ppl 5.791 vs 5.793 dense).
+--agreement).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class SeqTrack:
     def step(self, t: int, idx: int) -> None:
         """Boundary decision (if t is one), append key t, drop keys row t cannot read (they never return)."""
         if t > 0 and t % self.c == 0:
-            cand = self.pos >= self.s
+            cand = (self.pos >= self.s) & (self.pos < t + self.c - self.r)  # keep ∪ keys leaving the window
             sc = self.policy.score(self.imp, self.freq, self.last, self.pos, t, cand).masked_fill(~cand, NEG)
             self.keep = top_n_mask(sc, self.h, self.pos.double()) if self.h > 0 else torch.zeros_like(cand)
         dev = self.pos.device
@@ -137,7 +139,7 @@ class ChunkSequentialPolicy(CachePolicy):
         out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=a.device)
         for ci in range(1, n_c):
             s0 = ci * c
-            cand = (keep | ((j >= s0 - r) & (j < s0))) & (j >= s)
+            cand = (keep | ((j >= s0 - r) & (j < s0 + c - r))) & (j >= s)  # keep ∪ keys leaving the window
             sc = self.score(imp[:, :, ci], freq[:, :, ci], last[:, :, ci], j, s0, cand).masked_fill(~cand, NEG)
             keep = top_n_mask(sc, h, j.double()) if h > 0 else torch.zeros_like(keep)
             out[:, :, ci] = keep
