@@ -76,8 +76,14 @@ class CacheConfig:
     # -- FlexGen
     offload_device: str = "cpu"
     """Where FlexGen places the part of the KV cache that exceeds the device budget."""
-    sparse_top_k: int = 0
-    """FlexGen attn_sparsity: keep the top-k post-softmax probabilities per query, not renormalised (0 = off)."""
+    attn_sparsity: float = 1.0
+    """FlexGen attn_sparsity: each query keeps the softmax weights of its top int(s * n_past) earlier keys
+    plus its own key, not renormalised (1.0 = dense)."""
+    kv_bits: int = 0
+    """FlexGen compress_cache: 4 (or 8) bit group-wise min/max quantization of the stored keys and values,
+    trained with a straight-through estimator (0 = off; FlexGen uses 4)."""
+    kv_group_size: int = 64
+    """Quantization group along the head dimension (FlexGen: 64), zero-padded up to a multiple."""
 
     def validate(self) -> "CacheConfig":
         """Raise a one-line ConfigError naming the fix (called by ``build_policy`` and the policies, so the
@@ -93,6 +99,13 @@ class CacheConfig:
             raise ConfigError("cache.n_sink must be >= 0 and cache.chunk_size, page_size, snap_window >= 1")
         if not 0 <= self.ada_alpha <= 1:
             raise ConfigError(f"cache.ada_alpha={self.ada_alpha} must lie in [0, 1]")
+        if self.kv_bits not in (0, 4, 8) or self.kv_group_size < 1 or (self.kv_bits == 4 and self.kv_group_size % 2):
+            raise ConfigError(
+                f"cache.kv_bits={self.kv_bits}, kv_group_size={self.kv_group_size}: use kv_bits 0 (off), 4 or 8 "
+                "and a group size >= 1 (even for 4 bits)"
+            )
+        if not 0 < self.attn_sparsity <= 1:
+            raise ConfigError(f"cache.attn_sparsity={self.attn_sparsity} must lie in (0, 1] (1 = dense)")
         if self.heavy_ratio < 0 or self.recent_ratio <= 0:
             raise ConfigError("cache.recent_ratio must be > 0 and cache.heavy_ratio >= 0")
         return self

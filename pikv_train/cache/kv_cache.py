@@ -41,6 +41,11 @@ class KVCache:
             if kp is not None:
                 self.key_pos[i] = torch.where(kp > keep_until[:, None], torch.full_like(kp, -1), kp)
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
+        """Optionally compute the new queries' attention over what ``update`` returned ((B, H, Tq, hd));
+        None uses SDPA with the mask (FlexGen's sparse attention overrides it)."""
+        return None
+
     def update(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Append new keys/values and return what the new queries may read.
 

@@ -61,6 +61,7 @@ class CausalSelfAttention(nn.Module):
         y = None
         if cache is not None:
             k, v, mask = cache.update(layer_idx, q, k, v, positions)
+            y = cache.attend(q, k, v, mask)
         elif hooks:
             for h in hooks:
                 m = h.training_mask(q, k, ctx)

@@ -148,8 +148,12 @@ class CachePolicy(AttentionHook):
         for key, v in vals.items():
             prev = ctx.stats.get(key)
             ctx.stats[key] = v if prev is None or n == 0 else (prev * n + v) / (n + 1)
-        stored = last.sum(1).mean() * 2 * hd * k.element_size()
+        stored = last.sum(1).mean() * self.bytes_per_token_head(k)
         ctx.stats["cache/bytes_stored"] = stored if n == 0 else ctx.stats.get("cache/bytes_stored", 0) + stored
+
+    def bytes_per_token_head(self, k: Tensor) -> int:
+        """Cache bytes of one token's key + value in one kv-head (FlexGen overrides for compression)."""
+        return 2 * k.shape[-1] * k.element_size()
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, n_layer: int, seq_len: int | None = None) -> "PolicyCache":

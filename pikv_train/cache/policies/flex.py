@@ -20,24 +20,29 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def block_mask_for(mask_mod, b: int, h: int, h_kv: int, t: int, s: int, device, block_size: int = 128):
-    """BlockMask of ``causal ∧ mask_mod`` for query heads ``h`` grouped over ``h_kv`` kv-heads."""
+def block_mask_for(mask_mod, b: int, h: int, h_kv: int, t: int, s: int, device, block_size: int = 128,
+                   causal: bool = True):
+    """BlockMask of ``causal ∧ mask_mod`` (``mask_mod`` alone if not causal) for query heads ``h``
+    grouped over ``h_kv`` kv-heads."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     g = h // h_kv
 
     def mm(bi, hi, qi, ki):
+        if not causal:
+            return mask_mod(bi, hi // g, qi, ki)
         c = ki <= qi
         return c if mask_mod is None else c & mask_mod(bi, hi // g, qi, ki)
 
     return create_block_mask(mm, b, h, t, s, device=device, BLOCK_SIZE=block_size)
 
 
-def flex_attend(q: Tensor, k: Tensor, v: Tensor, mask_mod, block_size: int = 128) -> Tensor:
-    """(B, H, T, hd) attention under ``causal ∧ mask_mod`` with FlexAttention (compiled on CUDA)."""
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, mask_mod, block_size: int = 128, causal: bool = True) -> Tensor:
+    """(B, H, T, hd) attention under ``causal ∧ mask_mod`` (or ``mask_mod`` alone) with FlexAttention
+    (compiled on CUDA)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     b, h, t, _ = q.shape
-    bm = block_mask_for(mask_mod, b, h, k.shape[1], t, k.shape[2], q.device, block_size)
+    bm = block_mask_for(mask_mod, b, h, k.shape[1], t, k.shape[2], q.device, block_size, causal)
     fn = _compiled_flex() if q.is_cuda else flex_attention
     return fn(q, k, v, block_mask=bm, enable_gqa=h != k.shape[1])

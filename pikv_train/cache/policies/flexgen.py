@@ -1,14 +1,23 @@
-"""FlexGen (Sheng et al., 2023): a placement policy, attention identical to dense.
+"""FlexGen (Sheng et al., 2023): KV placement between device and host, 4-bit KV compression, sparse values.
 
-The budget is the part of the KV cache kept in device memory: the most recent ``budget`` tokens of
-every layer stay on the compute device and older ones are moved to ``offload_device`` (host memory),
-from where they are copied back (non-blocking, from pinned memory on CUDA, so the copy of one layer
-overlaps the compute of the previous one) when attention reads them. Nothing is evicted, so the
-training mask is plain causal and decoding equals the parallel forward.
+Placement: the budget is the part of the KV cache kept in device memory; the most recent ``budget``
+tokens of every layer stay on the compute device and older ones are moved to ``offload_device`` (host
+memory), from where they are copied back (non-blocking, from pinned memory on CUDA, so the copy of one
+layer overlaps the compute of the previous one) when attention reads them. Nothing is evicted.
 
-Optional lossy knob ``sparse_top_k`` (FlexGen's ``attn_sparsity``): each query keeps its top-k
-post-softmax probabilities and the output is *not* renormalised (training forward only; the
-inference cache reads every key). FlexGen's 4-bit group-64 KV compression is not implemented here.
+Compression (``kv_bits: 4``, FlexGen's ``compress_cache``): stored keys and values are quantized
+group-wise along the head dimension (``kv_group_size`` 64, asymmetric min/max, two codes per byte;
+:mod:`pikv_train.cache.quant`), so the cache really holds codes + per-group min and scale. As in
+FlexGen's decode step, a query reads the *dequantized* keys/values of earlier tokens and its own key
+and value exact. The training forward computes exactly that with a straight-through gradient: keys
+``[Q(k) ; k]`` (2T), row t reading ``Q(k)_j`` for j < t and ``k_t`` (so the backward trains the model
+for the quantization it will decode with). FlexGen's prefill reads the prompt uncompressed; here every
+prompt row follows the decode rule too, so training, prefill and token-by-token decoding agree exactly.
+
+Sparse attention (``attn_sparsity`` s < 1, FlexGen's ``attn_sparsity``): after the softmax over all
+visible keys, a query keeps the weights of its top ``int(s * n_past)`` earlier keys plus its own key and
+drops the rest without renormalising (FlexGen's ``_sparse_attention_value``, which reads only those
+values from host memory). Training forward and inference cache use the same function.
 """
 
 from __future__ import annotations
@@ -19,71 +28,150 @@ import torch
 from torch import Tensor
 
 from pikv_train.cache.kv_cache import KVCache, causal_position_mask
-from pikv_train.cache.policies.base import CachePolicy, causal_mask
+from pikv_train.cache.policies.base import CachePolicy, _sdpa, causal_mask
+from pikv_train.cache.quant import GroupQuantized, bytes_per_vector, fake_quantize, group_dequantize, group_quantize
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, own: Tensor, sparsity: float) -> Tensor:
+    """FlexGen sparse attention: softmax over ``vis``, keep own key + top ``int(s * n_past)`` past keys.
+
+    Args:
+        q (B, H, Tq, hd); k, v (B, H_kv, S, hd); vis (B|1, 1|H_kv, Tq, S) bool readable keys;
+        own (B|1, 1|H_kv, Tq, S) bool the query's own key (always kept, not counted as past).
+    Returns (B, H, Tq, hd); the kept weights are not renormalised.
+    """
+    b, h, tq, d = q.shape
+    g = h // k.shape[1]
+    rep = lambda m: m.repeat_interleave(g, 1) if m.shape[1] > 1 and g > 1 else m  # noqa: E731
+    vis, own = rep(vis), rep(own)
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    p = (q @ kk.transpose(-1, -2) / math.sqrt(d)).masked_fill(~vis, float("-inf")).softmax(-1)  # (B, H, Tq, S)
+    with torch.no_grad():
+        past = vis & ~own
+        n_keep = (sparsity * past.sum(-1, keepdim=True)).floor()  # FlexGen: int(attn_sparsity * (src_s - 1))
+        order = p.masked_fill(~past, -1.0).argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(p.shape[-1], device=p.device).expand_as(order))
+        keep = (past & (rank < n_keep)) | (own & vis)
+    return (p * keep) @ vv
 
 
 class FlexGenCache(KVCache):
-    """Full cache split between device (recent ``budget`` tokens) and host memory (the rest)."""
+    """Full cache split between device (recent ``budget`` tokens) and host memory (the rest), stored
+    raw or as 4/8-bit group-quantized codes."""
 
     def __init__(self, policy, n_layer: int, budget: int):
         super().__init__(n_layer)
         self.policy, self.budget = policy, budget
-        self.host_keys: list[Tensor | None] = [None] * n_layer
-        self.host_values: list[Tensor | None] = [None] * n_layer
-        self.host_pos: list[Tensor | None] = [None] * n_layer
+        cfg = policy.cfg
+        self.bits, self.group, self.sparsity = cfg.kv_bits, cfg.kv_group_size, cfg.attn_sparsity
+        # Per layer: {"k": Tensor | GroupQuantized, "v": ..., "pos": (B, S)} on the device and on the host.
+        self.device_part: list[dict | None] = [None] * n_layer
+        self.host_part: list[dict | None] = [None] * n_layer
+        self._own: Tensor | None = None
 
     def __len__(self) -> int:
-        n_host = 0 if self.host_keys[0] is None else self.host_keys[0].shape[2]
-        return n_host + super().__len__()
+        return sum(0 if p[0] is None else p[0]["pos"].shape[1] for p in (self.device_part, self.host_part))
+
+    @staticmethod
+    def _nbytes(part: dict | None) -> int:
+        if part is None:
+            return 0
+        return sum(x.nbytes() if isinstance(x, GroupQuantized) else x.numel() * x.element_size()
+                   for name, x in part.items() if name != "pos")
 
     def bytes_on_device(self) -> int:
-        return super().bytes_stored()
+        return sum(self._nbytes(p) for p in self.device_part)
 
     def bytes_on_host(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.host_keys + self.host_values if t is not None)
+        return sum(self._nbytes(p) for p in self.host_part)
 
     def bytes_stored(self) -> int:
         return self.bytes_on_device() + self.bytes_on_host()
 
+    # -- storage helpers: every tensor has its token axis at dim 2 (positions: dim 1)
+    def _pack(self, k: Tensor, v: Tensor, pos: Tensor) -> dict:
+        if self.bits:
+            return {"k": group_quantize(k, self.bits, self.group), "v": group_quantize(v, self.bits, self.group), "pos": pos}
+        return {"k": k, "v": v, "pos": pos}
+
+    @staticmethod
+    def _map(fn, *parts: dict) -> dict:
+        """Combine stored parts field by field: ``fn([tensors], token_dim)`` (quantized fields per member)."""
+        out = {}
+        for name, x in parts[0].items():
+            xs = [p[name] for p in parts]
+            if isinstance(x, GroupQuantized):
+                members = (fn([getattr(y, f) for y in xs], 2) for f in ("codes", "mn", "scale"))
+                out[name] = GroupQuantized(*members, x.bits, x.group_size, x.dim)
+            else:
+                out[name] = fn(xs, 1 if name == "pos" else 2)
+        return out
+
+    @staticmethod
+    def _cat(a: dict | None, b: dict) -> dict:
+        return b if a is None else FlexGenCache._map(lambda ts, d: torch.cat(ts, d), a, b)
+
+    def _read(self, x) -> Tensor:
+        return group_dequantize(x) if isinstance(x, GroupQuantized) else x
+
     def update(self, layer_idx, q, k, v, q_pos):
-        dev_k, dev_v, dev_p = super().update(layer_idx, q, k, v, q_pos)[0], self.values[layer_idx], self.key_pos[layer_idx]
-        host = self.host_keys[layer_idx]
-        if host is not None:  # read the host part back (overlaps compute on CUDA: non_blocking from pinned memory)
-            keys = torch.cat([host.to(k.device, non_blocking=True), dev_k], 2)
-            values = torch.cat([self.host_values[layer_idx].to(k.device, non_blocking=True), dev_v], 2)
-            pos = torch.cat([self.host_pos[layer_idx].to(k.device), dev_p], 1)
+        dev = self._cat(self.device_part[layer_idx], self._pack(k, v, q_pos))
+        host = self.host_part[layer_idx]
+        # Read the host part back (overlaps compute on CUDA: non_blocking from pinned memory).
+        full = dev if host is None else self._cat(self._map(lambda ts, d: ts[0].to(k.device, non_blocking=True), host), dev)
+        keys, values, kp = self._read(full["k"]), self._read(full["v"]), full["pos"]
+        tq = q_pos.shape[1]
+        eye = torch.eye(tq, dtype=torch.bool, device=k.device).expand(q_pos.shape[0], 1, tq, tq)
+        if self.bits:  # earlier tokens dequantized, the query's own key/value exact: keys [Q(all) ; new]
+            past = (kp[:, None, None, :] >= 0) & (kp[:, None, None, :] < q_pos[:, None, :, None])
+            keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+            mask = torch.cat([past, eye], -1)
+            self._own = torch.cat([torch.zeros_like(past), eye], -1)
         else:
-            keys, values, pos = dev_k, dev_v, dev_p
-        mask = causal_position_mask(q_pos, pos)
-        over = dev_k.shape[2] - self.budget
+            mask = causal_position_mask(q_pos, kp)
+            self._own = (kp[:, None, None, :] == q_pos[:, None, :, None]) & (q_pos >= 0)[:, None, :, None]
+        over = dev["pos"].shape[1] - self.budget
         if over > 0:  # move the oldest device tokens to the host
-            dev = torch.device(self.policy.cfg.offload_device)
-            pin = torch.cuda.is_available() and dev.type == "cpu"
-            moved = [t[:, :, :over].to(dev) for t in (dev_k, dev_v)]
+            target = torch.device(self.policy.cfg.offload_device)
+            pin = torch.cuda.is_available() and target.type == "cpu"
+            moved = self._map(lambda ts, d: ts[0].narrow(d, 0, over).to(target), dev)
             if pin:
-                moved = [t.pin_memory() for t in moved]
-            mp = dev_p[:, :over].to(dev)
-            cat = lambda old, new, d: new if old is None else torch.cat([old, new], d)  # noqa: E731
-            self.host_keys[layer_idx] = cat(self.host_keys[layer_idx], moved[0], 2)
-            self.host_values[layer_idx] = cat(self.host_values[layer_idx], moved[1], 2)
-            self.host_pos[layer_idx] = cat(self.host_pos[layer_idx], mp, 1)
-            self.keys[layer_idx] = dev_k[:, :, over:]
-            self.values[layer_idx] = dev_v[:, :, over:]
-            self.key_pos[layer_idx] = dev_p[:, over:]
+                moved = self._map(lambda ts, d: ts[0].pin_memory(), moved)
+            self.host_part[layer_idx] = self._cat(host, moved)
+            dev = self._map(lambda ts, d: ts[0].narrow(d, over, ts[0].shape[d] - over), dev)
+        self.device_part[layer_idx] = dev
         return keys, values, mask
+
+    def rollback(self, keep_until: Tensor) -> None:
+        for parts in (self.device_part, self.host_part):
+            for p in parts:
+                if p is not None:
+                    kp = p["pos"]
+                    p["pos"] = torch.where(kp > keep_until.to(kp.device)[:, None], torch.full_like(kp, -1), kp)
+
+    def attend(self, q, k, v, mask):
+        if self.sparsity >= 1:
+            return None
+        return sparse_attention(q, k, v, mask, self._own, self.sparsity)
 
 
 class FlexGenScheduler(CachePolicy):
-    """Device/host placement of the KV cache (+ optional top-k sparse attention in training)."""
+    """Device/host placement of the KV cache, optional 4-bit KV compression and sparse values."""
 
     evicts = False
     cache_cls = FlexGenCache
 
     def mask(self, q, k, ctx, budget):
-        return None  # placement does not change attention
+        return None  # placement and compression do not change which keys are read
 
     def mask_mod(self, q, k, ctx, budget):
         return None
+
+    def bytes_per_token_head(self, k: Tensor) -> int:
+        hd, es = k.shape[-1], k.element_size()
+        if self.cfg.kv_bits:
+            return 2 * bytes_per_vector(hd, self.cfg.kv_bits, self.cfg.kv_group_size, es)
+        return 2 * hd * es
 
     def log_stats(self, ctx, m, budget, k):
         super().log_stats(ctx, m, budget, k)
@@ -91,13 +179,23 @@ class FlexGenScheduler(CachePolicy):
         ctx.stats["cache/device_fraction"] = torch.tensor(min(budget, t) / t)
 
     def attend(self, q, k, v, mask, ctx):
-        if self.cfg.sparse_top_k <= 0:
+        cfg = self.cfg
+        if not cfg.kv_bits and cfg.attn_sparsity >= 1:
             return super().attend(q, k, v, mask, ctx)
-        b, h, t, d = q.shape
-        g = h // k.shape[1]
-        kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-        logits = q @ kk.transpose(-1, -2) / math.sqrt(d)  # (B, H, T, T)
-        vis = causal_mask(t, q.device) if mask is None else (mask.repeat_interleave(g, 1) if mask.shape[1] > 1 else mask)
-        p = logits.masked_fill(~vis, float("-inf")).softmax(-1)
-        kth = p.topk(min(self.cfg.sparse_top_k, t), dim=-1).values[..., -1:]
-        return (p * (p >= kth)) @ vv  # not renormalised, as FlexGen's _sparse_attention_value
+        t = q.shape[2]
+        vis = causal_mask(t, q.device)[None, None] if mask is None else mask
+        eye = torch.eye(t, dtype=torch.bool, device=q.device).expand_as(vis)
+        if cfg.kv_bits:  # keys [Q(k) ; k]: earlier tokens quantized (straight-through), own key exact
+            keys = torch.cat([fake_quantize(k, cfg.kv_bits, cfg.kv_group_size), k], 2)
+            values = torch.cat([fake_quantize(v, cfg.kv_bits, cfg.kv_group_size), v], 2)
+            vis, own = torch.cat([vis & ~eye, eye], -1), torch.cat([torch.zeros_like(eye), eye], -1)
+        else:
+            keys, values, own = k, v, eye
+        if cfg.attn_sparsity < 1:
+            return sparse_attention(q, keys, values, vis, own, cfg.attn_sparsity)
+        if self._flex(q) and mask is None:
+            from pikv_train.cache.policies.flex import flex_attend
+
+            mm = lambda b, h, qi, ki: (ki < qi) | (ki - t == qi)  # noqa: E731
+            return flex_attend(q, keys, values, mm, causal=False)
+        return _sdpa(q, keys, values, vis)

@@ -1,0 +1,139 @@
+"""FlexGen: group-wise 4-bit KV quantization (golden values, exact bytes), the compressed inference cache
+equals the quantized training forward, sparse attention in both, placement with compression."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from pikv_train.cache import CacheConfig, build_policy
+from pikv_train.cache.quant import bytes_per_vector, fake_quantize, group_dequantize, group_quantize
+from pikv_train.errors import ConfigError
+from pikv_train.models import Decoder, ModelConfig, generate
+
+T = 24
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_group_quantize_golden_values_and_packing():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [-1.0, -1.0, -1.0, -1.0]])
+    qt = group_quantize(x, bits=4, group_size=4)
+    # min 0, max 3: scale 15/3 = 5, codes 0, 5, 10, 15 packed high/low nibble: 0x05, 0xAF.
+    assert qt.codes.tolist() == [[0x05, 0xAF], [0x00, 0x00]]
+    assert qt.mn.flatten().tolist() == [0.0, -1.0]
+    torch.testing.assert_close(group_dequantize(qt), x)  # exact grid values come back exactly (constant row too)
+    # Zero padding up to the group: 3 values in a group of 4, the pad 0 enters min/max as in FlexGen.
+    qt = group_quantize(torch.tensor([1.0, 2.0, 3.0]), bits=4, group_size=4)
+    assert float(qt.mn) == 0.0 and qt.codes.numel() == 2 and group_dequantize(qt).shape == (3,)
+    assert bytes_per_vector(24, 4, 64, 4) == 32 + 8 and bytes_per_vector(128, 4, 64, 2) == 64 + 8
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantization_error_is_bounded_by_half_a_step(bits):
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(0))
+    qt = group_quantize(x, bits, 64)
+    err = (group_dequantize(qt) - x).abs().view(3, 5, 2, 64)
+    step = 1 / qt.scale  # (3, 5, 2, 1)
+    assert (err <= step / 2 + 1e-6).all() and (err > 0).any()
+    assert qt.nbytes() == 3 * 5 * bytes_per_vector(128, bits, 64, 4)
+
+
+def test_fake_quantize_has_a_straight_through_gradient():
+    x = torch.randn(4, 64, requires_grad=True)
+    y = fake_quantize(x)
+    assert not torch.equal(y, x)
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * y.detach())  # d/dx of y^2 with dy/dx = 1
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("nano", n_head=4, n_kv_head=2)
+    model = Decoder(cfg)
+    pol = build_policy(CacheConfig(policy="flexgen", **kw), cfg)
+    model.set_cache_policy(pol)
+    return model.eval(), pol
+
+
+def _decode(model, cache, x, prefill):
+    pos = torch.arange(x.shape[1]).expand_as(x)
+    outs = [model.logits(model(x[:, :prefill], positions=pos[:, :prefill], cache=cache).hidden)]
+    for i in range(prefill, x.shape[1]):
+        outs.append(model.logits(model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache).hidden))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("kw", [dict(kv_bits=4, kv_group_size=8), dict(attn_sparsity=0.5),
+                                dict(kv_bits=4, kv_group_size=16, attn_sparsity=0.3), dict(kv_bits=8)])
+def test_compressed_sparse_cache_decoding_equals_training_forward(kw):
+    model, pol = _model(budget=8, **kw)
+    x = torch.randint(0, 258, (2, T))
+    full = model.logits(model(x).hidden)
+    for prefill in (1, 9):
+        dec = _decode(model, pol.new_cache(model.cfg.n_layer), x, prefill)
+        torch.testing.assert_close(dec, full, atol=1e-4, rtol=1e-4)
+    model.set_cache_policy(None)
+    dense = model.logits(model(x).hidden)
+    assert (dense - full).abs().max() > 1e-5  # quantization / sparsity really changes the output
+    torch.testing.assert_close(dense[:, 0], full[:, 0], atol=1e-5, rtol=1e-5)  # row 0 reads its exact own key
+
+
+def test_compressed_cache_stores_codes_and_scales_exactly():
+    model, pol = _model(budget=10, kv_bits=4, kv_group_size=8)
+    cache = pol.new_cache(model.cfg.n_layer)
+    _decode(model, cache, torch.randint(0, 258, (2, T)), 5)
+    cfg = model.cfg  # head_dim 8: one group -> 4 bytes of codes + fp32 min and scale = 12 bytes (vs 32 raw)
+    per_vec = bytes_per_vector(cfg.head_dim, 4, 8, 4)
+    assert cfg.head_dim == 8 and per_vec == 12
+    per_token = cfg.n_layer * 2 * cfg.n_kv_head * 2 * per_vec  # layers x batch x kv-heads x (k, v)
+    assert cache.bytes_on_device() == 10 * per_token
+    assert cache.bytes_on_host() == (T - 10) * per_token
+    assert all(p["k"].codes.dtype == torch.uint8 for p in cache.device_part)
+    # The training forward reports the same figure (summed over layers, per sequence).
+    stats = model.train()(torch.randint(0, 258, (2, T))).stats
+    assert float(stats["cache/bytes_stored"]) == T * cfg.n_layer * cfg.n_kv_head * 2 * per_vec
+
+
+def test_training_forward_with_quantized_kv_backpropagates():
+    model, pol = _model(budget=8, kv_bits=4, kv_group_size=8, attn_sparsity=0.5)
+    model.train()
+    x = torch.randint(0, 258, (2, T))
+    model.logits(model(x).hidden).logsumexp(-1).mean().backward()
+    g = model.blocks[0].attn.kv_proj.weight.grad
+    assert g is not None and g.abs().sum() > 0
+
+
+def test_generate_with_compressed_cache_and_padding():
+    model, pol = _model(budget=6, kv_bits=4, kv_group_size=8, attn_sparsity=0.5)
+    prompts = [torch.randint(0, 258, (n,)) for n in (4, 9)]
+    one = generate(model, [prompts[0]], 12, temperature=0, cache_factory=pol.new_cache)
+    two = generate(model, prompts, 12, temperature=0, cache_factory=pol.new_cache)
+    assert torch.equal(one.tokens[0, -12:], two.tokens[0, -12:])  # left padding does not leak
+
+
+def test_flexattention_path_with_compression_equals_sdpa_path():
+    model, pol = _model(budget=8, kv_bits=4, kv_group_size=8)
+    x = torch.randint(0, 258, (1, 32))
+    ref = model(x).hidden
+    pol.use_flex = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(x).hidden
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw,word", [(dict(kv_bits=3), "kv_bits"), (dict(kv_bits=4, kv_group_size=5), "even"),
+                                     (dict(attn_sparsity=0.0), "attn_sparsity"), (dict(attn_sparsity=1.5), "attn_sparsity")])
+def test_bad_flexgen_settings_are_one_line_errors(kw, word):
+    with pytest.raises(ConfigError, match=word) as e:
+        CacheConfig(policy="flexgen", **kw).validate()
+    assert "\n" not in str(e.value)
