@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -43,16 +43,20 @@ def as_config(cls, value):
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     """AdamW over ``module``'s trainable parameters with the warm-up + cosine schedule."""
-    decay, no_decay = [], []
+    decay, no_decay, hooks = [], [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
-            # Matrices decay; vectors and the attention hooks' gates (DuoAttention) do not.
-            hook = name.startswith(("cache_policy.", "kv_sharding."))
-            (decay if p.ndim >= 2 and not hook else no_decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-    )
+            # Matrices decay; vectors and the attention hooks' gates (DuoAttention) do not. Hook
+            # parameters get a group of their own, last: the group CachePolicySwitch adds mid-run, so a
+            # run resumed after a switch rebuilds the optimizer with the same group layout.
+            if name.startswith(("cache_policy.", "kv_sharding.")):
+                hooks.append(p)
+            else:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if hooks:
+        groups.append({"params": hooks, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     total = max(total_steps, 1)
 
     def factor(step: int) -> float:
@@ -87,6 +91,24 @@ class TaskBase(L.LightningModule):
         self.skipped_steps = 0
         self.last_router_counts: Tensor | None = None
         """(L, E) loads of the last optimizer step, summed over accumulation and ranks (for callbacks)."""
+
+    # ----------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The cache policy active now (it may differ from the configured one after CachePolicySwitch).
+        policy = self.student_model.cache_policy
+        checkpoint["pikv_cache_policy"] = None if policy is None else asdict(policy.cfg)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before the weights are loaded and before configure_optimizers: re-attach the policy the
+        # run was using, so its parameters (DuoAttention gates) load and the optimizer has their group.
+        if "pikv_cache_policy" not in checkpoint:
+            return
+        saved, model = checkpoint["pikv_cache_policy"], self.student_model
+        current = None if model.cache_policy is None else asdict(model.cache_policy.cfg)
+        if saved != current:
+            from pikv_train.cache.config import CacheConfig, build_policy
+
+            model.set_cache_policy(None if saved is None else build_policy(CacheConfig.from_dict(saved), model.cfg))
 
     # ----------------------------------------------------------------- router
     def log_routing(self, out: DecoderOutput, prefix: str = "router") -> Tensor:

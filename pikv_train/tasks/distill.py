@@ -307,6 +307,7 @@ class DistillationTask(TaskBase):
         return build_optimizer(self.student, self.optim_cfg, total_training_steps(self.trainer))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["pikv_model_config"] = self.student.cfg.to_dict()
         checkpoint["pikv_task"] = "distill"
         # Sampler state, so a resumed run continues the same schedule (DistiLLM phi, replay buffer, RNGs).
@@ -316,6 +317,7 @@ class DistillationTask(TaskBase):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("pikv_sampler")
         if state:
             self.schedule.load_state_dict(state["schedule"])

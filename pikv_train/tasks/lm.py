@@ -98,6 +98,7 @@ class LanguageModelTask(TaskBase):
         return build_optimizer(self.model, self.optim_cfg, total_training_steps(self.trainer))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         # A plain-dict copy of the architecture: teachers are rebuilt from it without unpickling classes.
         checkpoint["pikv_model_config"] = self.model.cfg.to_dict()
         checkpoint["pikv_task"] = "lm"

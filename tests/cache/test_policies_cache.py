@@ -165,7 +165,7 @@ def test_policy_switch_callback_switches_at_step_and_trains_new_gates():
     model = Decoder(ModelConfig.preset("nano"))
     opt = torch.optim.AdamW(model.parameters())
     cb = CachePolicySwitch(at_step=3, cache=CacheConfig(policy="duo_attention", budget=8))
-    trainer = SimpleNamespace(global_step=2, optimizers=[opt])
+    trainer = SimpleNamespace(global_step=2, optimizers=[opt], lr_scheduler_configs=[], world_size=1)
     module = SimpleNamespace(student_model=model)
     cb.on_train_batch_start(trainer, module, None, 0)
     assert model.cache_policy is None
@@ -187,3 +187,36 @@ def test_cuda_flexattention_training_forward_matches_cpu_masks(name):
     out = model(x.cuda())
     out.hidden.sum().backward()  # FlexAttention backward on CUDA
     torch.testing.assert_close(out.hidden.cpu(), ref, atol=2e-4, rtol=2e-4)
+
+
+def test_run_resumed_after_a_switch_to_duo_attention_keeps_gates_and_optimizer(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pikv_train.callbacks import CachePolicySwitch
+    from pikv_train.data import TextDataModule
+    from pikv_train.tasks import LanguageModelTask
+
+    def fit(steps, ckpt_path=None):
+        task = LanguageModelTask(model=ModelConfig.preset("nano", n_head=4, n_kv_head=2))
+        switch = CachePolicySwitch(at_step=2, cache=CacheConfig(policy="duo_attention", budget=8, n_sink=2))
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=-1)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=[switch, ckpt],
+                            default_root_dir=tmp_path)
+        trainer.fit(task, datamodule=TextDataModule(max_documents=8, seq_len=32, batch_size=2), ckpt_path=ckpt_path)
+        return task, trainer
+
+    task, _ = fit(4)
+    ref_gates = task.model.cache_policy.gates.detach().clone()  # after step 4 of the uninterrupted run
+    path = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["pikv_cache_policy"]["policy"] == "duo_attention"
+    gates_at_3 = saved["state_dict"]["model.cache_policy.gates"]
+    assert not torch.equal(gates_at_3, torch.ones_like(gates_at_3))  # trained since the switch at step 2
+    task2, trainer2 = fit(4, ckpt_path=path)  # one more step from step 3
+    assert type(task2.model.cache_policy).__name__ == "DuoAttentionScheduler"
+    opt = trainer2.optimizers[0]
+    assert len(opt.param_groups) == 3 and opt.param_groups[-1]["params"][0] is task2.model.cache_policy.gates
+    torch.testing.assert_close(task2.model.cache_policy.gates.detach(), ref_gates)  # same step 4 as without the break
+    assert [g["lr"] for g in opt.param_groups] == [opt.param_groups[0]["lr"]] * 3  # gates follow the schedule
