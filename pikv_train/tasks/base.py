@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -99,16 +100,31 @@ class TaskBase(L.LightningModule):
         checkpoint["pikv_cache_policy"] = None if policy is None else asdict(policy.cfg)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Runs before the weights are loaded and before configure_optimizers: re-attach the policy the
-        # run was using, so its parameters (DuoAttention gates) load and the optimizer has their group.
-        if "pikv_cache_policy" not in checkpoint:
-            return
-        saved, model = checkpoint["pikv_cache_policy"], self.student_model
+        """Resuming a fit: re-attach the policy the run was using (it may come from CachePolicySwitch),
+        before the weights load and before configure_optimizers, so its parameters (DuoAttention gates)
+        load and the optimizer has their group. Validating/testing/predicting: the configured policy
+        stands (evaluate any checkpoint under any policy): saved policy state it does not have is
+        dropped, state the checkpoint lacks keeps its current value."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        model = self.student_model
         current = None if model.cache_policy is None else asdict(model.cache_policy.cfg)
-        if saved != current:
+        saved = checkpoint.get("pikv_cache_policy", current)
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and saved != current:
             from pikv_train.cache.config import CacheConfig, build_policy
 
+            rank_zero_info(f"resuming under the checkpoint's cache policy {None if saved is None else saved['policy']}")
             model.set_cache_policy(None if saved is None else build_policy(CacheConfig.from_dict(saved), model.cfg))
+        elif not fitting:
+            prefix = next(n for n, m in self.named_modules() if m is model) + ".cache_policy."
+            own = dict(model.cache_policy.state_dict()) if model.cache_policy is not None else {}
+            own = {prefix + n: t for n, t in own.items()}
+            sd = checkpoint["state_dict"]
+            for key in [k for k in sd if k.startswith(prefix) and k not in own]:
+                del sd[key]
+            for key, t in own.items():  # a policy the checkpoint was not trained with keeps its own state
+                sd.setdefault(key, t)
 
     # ----------------------------------------------------------------- router
     def log_routing(self, out: DecoderOutput, prefix: str = "router") -> Tensor:

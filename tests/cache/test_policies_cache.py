@@ -220,3 +220,34 @@ def test_run_resumed_after_a_switch_to_duo_attention_keeps_gates_and_optimizer(t
     assert len(opt.param_groups) == 3 and opt.param_groups[-1]["params"][0] is task2.model.cache_policy.gates
     torch.testing.assert_close(task2.model.cache_policy.gates.detach(), ref_gates)  # same step 4 as without the break
     assert [g["lr"] for g in opt.param_groups] == [opt.param_groups[0]["lr"]] * 3  # gates follow the schedule
+
+
+def test_validate_any_checkpoint_under_any_policy(tmp_path):
+    """validate (CLI subcommand / Trainer.validate) of a dense-trained checkpoint under a configured policy
+    runs under that policy, and equals evaluate() with the policy set; a policy with gates works too."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pikv_train.data import TextDataModule
+    from pikv_train.evaluate import evaluate, load_decoder
+    from pikv_train.tasks import LanguageModelTask
+
+    cfg = ModelConfig.preset("nano", n_head=4, n_kv_head=2)
+    dm = lambda: TextDataModule(max_documents=8, seq_len=32, batch_size=2)  # noqa: E731
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    L.Trainer(max_steps=3, limit_val_batches=0, callbacks=[ckpt], **kw).fit(LanguageModelTask(model=cfg), datamodule=dm())
+    path = tmp_path / "ckpt" / "last.ckpt"
+    results = {}
+    for name in ("full", "streaming_llm", "duo_attention"):
+        cache = CacheConfig(policy=name, budget=8, n_sink=2)
+        task = LanguageModelTask(model=cfg, cache=cache)
+        results[name] = L.Trainer(limit_val_batches=3, **kw).validate(task, datamodule=dm(), ckpt_path=path)[0]["val/loss"]
+        assert (task.model.cache_policy is None) == (name == "full")
+    assert abs(results["streaming_llm"] - results["full"]) > 1e-4
+    model, d = load_decoder(path), dm()
+    d.setup("validate")
+    model.set_cache_policy(build_policy(CacheConfig(policy="streaming_llm", budget=8, n_sink=2), cfg))
+    ref = evaluate(model.eval(), d.val_dataloader(), max_batches=3)
+    assert abs(ref["nll"] - results["streaming_llm"]) < 1e-5
