@@ -12,6 +12,8 @@ A LightningCLI with:
 
 from __future__ import annotations
 
+import copy
+
 import os
 import sys
 import warnings
@@ -125,7 +127,14 @@ class PiKVCLI(LightningCLI):
             from pikv_train.tasks.teacher import read_checkpoint
 
             read_checkpoint(ckpt)
+        # Lightning overwrites the model arguments with the checkpoint's hyper-parameters. Outside fit (a
+        # resumed run must stay the same run) the configured cache policy stands, so any checkpoint can be
+        # validated, tested or used for prediction under any policy and budget.
+        key = f"{sub}.model.init_args.cache"
+        keep = copy.deepcopy(self.config.get(key)) if sub in ("validate", "test", "predict") and ckpt else None
         super()._parse_ckpt_path()
+        if keep is not None:
+            self.config[key] = keep
 
     def _instantiate_trainer(self, config, callbacks):
         # Lightning types limit_*_batches as float|int, so a YAML `limit_val_batches: 1` arrives as 1.0, which

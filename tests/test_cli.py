@@ -114,6 +114,14 @@ def test_predict_writes_completions_and_whole_number_limits_count_batches(tmp_pa
     rows = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4  # exactly one batch of 4 (a YAML/CLI "1" is one batch, not 100%)
     assert all(set(r) == {"prompt", "completion"} and r["prompt"] for r in rows)
+    # validate the same checkpoint under the configured policy (the checkpoint's hyper-parameters say full)
+    ppl = {}
+    for policy in ("full", "streaming_llm"):
+        proc = run_cli("validate", "--config", str(recipe), "--ckpt_path", str(ckpt), "--model.init_args.cache.policy",
+                       policy, "--model.init_args.cache.budget", "8", "--model.init_args.cache.n_sink", "2")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        ppl[policy] = float(re.search(r"val/ppl\W+([0-9.]+)", proc.stdout).group(1))
+    assert abs(ppl["streaming_llm"] - ppl["full"]) > 1e-3
 
 
 def test_console_script_is_declared():

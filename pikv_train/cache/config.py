@@ -79,6 +79,8 @@ class CacheConfig:
     attn_sparsity: float = 1.0
     """FlexGen attn_sparsity: each query keeps the softmax weights of its top int(s * n_past) earlier keys
     plus its own key, not renormalised (1.0 = dense)."""
+    sparse_top_k: int = 0
+    """Removed (kept so checkpoints written before it was replaced still load): must stay 0; use attn_sparsity."""
     kv_bits: int = 0
     """FlexGen compress_cache: 4 (or 8) bit group-wise min/max quantization of the stored keys and values,
     trained with a straight-through estimator (0 = off; FlexGen uses 4)."""
@@ -104,6 +106,9 @@ class CacheConfig:
                 f"cache.kv_bits={self.kv_bits}, kv_group_size={self.kv_group_size}: use kv_bits 0 (off), 4 or 8 "
                 "and a group size >= 1 (even for 4 bits)"
             )
+        if self.sparse_top_k:
+            raise ConfigError("cache.sparse_top_k was replaced by cache.attn_sparsity (FlexGen's fraction of earlier "
+                              "keys each query keeps, e.g. 0.25); remove sparse_top_k")
         if not 0 < self.attn_sparsity <= 1:
             raise ConfigError(f"cache.attn_sparsity={self.attn_sparsity} must lie in (0, 1] (1 = dense)")
         if self.heavy_ratio < 0 or self.recent_ratio <= 0:

@@ -132,7 +132,8 @@ def test_flexattention_path_with_compression_equals_sdpa_path():
 
 
 @pytest.mark.parametrize("kw,word", [(dict(kv_bits=3), "kv_bits"), (dict(kv_bits=4, kv_group_size=5), "even"),
-                                     (dict(attn_sparsity=0.0), "attn_sparsity"), (dict(attn_sparsity=1.5), "attn_sparsity")])
+                                     (dict(attn_sparsity=0.0), "attn_sparsity"), (dict(attn_sparsity=1.5), "attn_sparsity"),
+                                     (dict(sparse_top_k=8), "replaced by cache.attn_sparsity")])
 def test_bad_flexgen_settings_are_one_line_errors(kw, word):
     with pytest.raises(ConfigError, match=word) as e:
         CacheConfig(policy="flexgen", **kw).validate()
