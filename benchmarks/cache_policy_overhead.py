@@ -1,12 +1,14 @@
 """Training-step time under each cache policy vs dense attention, side by side in one run (CPU, T=1024).
 
-    nice -n 10 python benchmarks/cache_policy_overhead.py              # T=1024, budget 0.25
+    python benchmarks/cache_policy_overhead.py                         # T=1024, budget 0.25 (idle machine)
     python benchmarks/cache_policy_overhead.py --seq-len 256 --steps 2   # quick look
 
 The model is the CPU-demo MoE student (configs/model/student_moe.yaml, max_seq_len raised to T), batch
-1, fp32; one step = forward + backward of the CE loss, no optimizer. Each policy is timed after a
-warm-up step, as the median of ``--steps`` steps; the overhead is mask building (and, for H2O/LRU/LRU+,
-the no-grad dense scoring pass; for soft DuoAttention, the second attention pass). Writes
+1, fp32; one step = forward + backward of the CE loss, no optimizer. Policies are timed round-robin (one
+step of each per round, after a warm-up round), each figure the median over ``--steps`` rounds; the
+overhead is mask building (and, for H2O/LRU/LRU+, the no-grad dense scoring pass; for soft
+DuoAttention, the second attention pass; for FlexGen's 4-bit KV the quantize-dequantize and an attention
+over 2T keys; for its sparse mode a materialised softmax and ranking). Writes
 benchmarks/results/cache_policy_overhead.json.
 """
 
@@ -28,26 +30,23 @@ from pikv_train.models import Decoder, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ["full", "streaming_llm", "h2o", "quest", "flexgen", "lru", "lru_plus", "ada_kv", "duo_attention"]
+# FlexGen's lossy knobs: 4-bit group-64 KV (fake-quant + a 2T-key attention) and sparse values.
+VARIANTS = {"flexgen_kv4": ("flexgen", {"kv_bits": 4}), "flexgen_sparse": ("flexgen", {"attn_sparsity": 0.25})}
 
 
-def step_time(model: Decoder, x: torch.Tensor, steps: int) -> float:
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        h = model(x).hidden.flatten(0, 1)
-        loss = chunked_cross_entropy(h, model.head_weight, x.roll(-1, 1).flatten())
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if i:  # the first step is warm-up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def one_step(model: Decoder, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    h = model(x).hidden.flatten(0, 1)
+    chunked_cross_entropy(h, model.head_weight, x.roll(-1, 1).flatten()).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--budget", type=float, default=0.25)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=7, help="timed rounds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cache_policy_overhead.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -55,16 +54,27 @@ def main() -> None:
     cfg = ModelConfig.from_dict({**cfg_d, "max_seq_len": max(cfg_d["max_seq_len"], args.seq_len)})
     model = Decoder(cfg).train()
     x = torch.randint(0, cfg.vocab_size, (1, args.seq_len))
-    rows = []
-    step_time(model, x, 2)  # process warm-up (allocator, kernels) before the first timed policy
-    for name in POLICIES:
-        pol = build_policy(CacheConfig(policy=name, budget=args.budget if name != "full" else 1.0), cfg)
+    policies = {}
+    for name in POLICIES + list(VARIANTS):
+        policy, extra = VARIANTS.get(name, (name, {}))
+        pol = build_policy(CacheConfig(policy=policy, budget=args.budget if name != "full" else 1.0, **extra), cfg)
         if name == "duo_attention":
             with torch.no_grad():
                 pol.gates.fill_(0.5)  # soft gates: both attention passes, the training cost
-        model.set_cache_policy(pol)
-        model.train()
-        sec = step_time(model, x, args.steps)
+        policies[name] = pol
+    times = {name: [] for name in policies}
+    # Round-robin: every round times one step of each policy, so drift in machine load hits all of them
+    # alike; round 0 is warm-up. The figure is the median over rounds.
+    for rnd in range(args.steps + 1):
+        for name, pol in policies.items():
+            model.set_cache_policy(pol)
+            model.train()
+            sec = one_step(model, x)
+            if rnd:
+                times[name].append(sec)
+    rows = []
+    for name, ts in times.items():
+        sec = statistics.median(ts)
         rows.append({"policy": name, "step_s": round(sec, 4)})
         print(f"{name:>14}: {sec * 1000:8.1f} ms/step", flush=True)
     model.set_cache_policy(None)

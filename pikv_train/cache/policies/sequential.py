@@ -16,7 +16,7 @@ C tokens is deviation (b). ``simulate`` is a token-by-token simulator with real 
 by the same dense rows; it agrees exactly with the parallel mask for the same C (tested). The
 inference cache runs the same per-token loop on its own (budgeted) attention, i.e. the real algorithm.
 Measured agreement of C = 32 with per-token (C = 1) decisions, budget 0.25, T = 256 (IoU of visible sets /
-identical rows): H2O 0.932 / 21.7%, LRU 0.782 / 16.4%, LRU+ 0.888 / 17.1% (benchmarks/cache_policy_eval.py
+identical rows): H2O 0.946 / 29.3%, LRU 0.801 / 23.8%, LRU+ 0.904 / 23.7% (benchmarks/cache_policy_eval.py
 --agreement).
 """
 
