@@ -22,6 +22,7 @@ class H2OScheduler(ChunkSequentialPolicy):
     """
 
     has_sinks = False
+    uses_use_signal = False
 
     def score(self, imp, freq, last, pos, s0, cand):
         return imp

@@ -102,6 +102,7 @@ class ChunkSequentialPolicy(CachePolicy):
     """Base of H2O / LRU / LRU+: parallel chunk-sequential mask, token-by-token simulator, cache."""
 
     has_sinks = True
+    uses_use_signal = True  # LRU / LRU+ need the 'used' statistics (frequency, last use); H2O does not
     cache_cls = SeqCache
 
     def sizes(self, budget: int) -> tuple[int, int, int, int]:
@@ -128,13 +129,16 @@ class ChunkSequentialPolicy(CachePolicy):
         a = a.double()
         rows = torch.nn.functional.pad(a, (0, 0, 0, n_c * c - t)).view(b, hkv, n_c, c, t)
         imp = rows.sum(3).cumsum(2) - rows.sum(3)  # exclusive prefix over chunks (B, H_kv, nC, T)
-        used = torch.nn.functional.pad(self.used(a).double(), (0, 0, 0, n_c * c - t)).view(b, hkv, n_c, c, t)
-        freq = used.sum(3).cumsum(2) - used.sum(3)
         j = torch.arange(t, device=a.device)
-        srow = torch.arange(n_c * c, device=a.device, dtype=torch.float64).view(n_c, c)[..., None]
-        last_c = (used * (srow + 1)).amax(3)  # (B, H_kv, nC, T): last user + 1 in each chunk (0 = none)
-        last = torch.cat([torch.zeros_like(last_c[:, :, :1]), last_c.cummax(2).values[:, :, :-1]], 2) - 1
-        last = torch.maximum(last, j.double())
+        if self.uses_use_signal:
+            used = torch.nn.functional.pad(self.used(a).double(), (0, 0, 0, n_c * c - t)).view(b, hkv, n_c, c, t)
+            freq = used.sum(3).cumsum(2) - used.sum(3)
+            srow = torch.arange(n_c * c, device=a.device, dtype=torch.float64).view(n_c, c)[..., None]
+            last_c = (used * (srow + 1)).amax(3)  # (B, H_kv, nC, T): last user + 1 in each chunk (0 = none)
+            last = torch.cat([torch.zeros_like(last_c[:, :, :1]), last_c.cummax(2).values[:, :, :-1]], 2) - 1
+            last = torch.maximum(last, j.double())
+        else:  # H2O scores by attention mass alone
+            freq = last = imp
         keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=a.device)
         out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=a.device)
         for ci in range(1, n_c):
