@@ -57,7 +57,7 @@ class CacheConfig:
 
     # -- AdaKV (+ SnapKV window scores)
     ada_alpha: float = 0.2
-    """AdaKV safeguard floor: each head first keeps its best alpha * budget keys (kvpress: 0.2)."""
+    """AdaKV safeguard: each head keeps at least its best alpha * budget keys, its window included (kvpress: 0.2)."""
     snap_window: int = 32
     """SnapKV observation window: the last w queries score the keys (and stay as the recent window)."""
     snap_kernel: int = 7

@@ -5,8 +5,10 @@ symmetric=False)``: the head dimension is cut into groups of ``group_size`` (zer
 of it, the zeros taking part in min/max as in FlexGen), each group stores its minimum and its scale
 ``(2^bits - 1) / (max - min)`` in the data's own dtype, and every value becomes
 ``round(clamp((x - min) * scale, 0, 2^bits - 1))``; 4-bit codes are packed two per byte. Dequantized:
-``code / scale + min``. One guard FlexGen lacks: a constant group (max == min) would give an infinite
-scale and NaN codes, so its range is floored at the dtype's tiny value (it dequantizes to the constant).
+``code / scale + min``. Codes are computed in fp32 (FlexGen upcasts half precision on CPU as well; in
+bf16 the rounding error would exceed half a step) and min/scale are stored in the source dtype. One
+guard FlexGen lacks: a constant group (max == min) would give an infinite scale and NaN codes, so its
+range is taken as 1 (codes 0, it dequantizes to the constant exactly).
 """
 
 from __future__ import annotations
@@ -43,16 +45,19 @@ def group_quantize(x: Tensor, bits: int = 4, group_size: int = 64) -> GroupQuant
     """x (..., D) -> codes/min/scale, groups of ``group_size`` along D."""
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: FlexGen KV compression supports 4 or 8 bits")
-    d = x.shape[-1]
+    d, dtype = x.shape[-1], x.dtype
     pad = (-d) % group_size
+    x = x.float()
     if pad:
         x = torch.cat([x, x.new_zeros(*x.shape[:-1], pad)], -1)
     g = x.view(*x.shape[:-1], -1, group_size)  # (..., n_groups, group_size)
     top = 2**bits - 1
     mn = g.amin(-1, keepdim=True)
-    rng = (g.amax(-1, keepdim=True) - mn).clamp_min(torch.finfo(x.dtype).tiny)
-    scale = top / rng
-    codes = ((g - mn) * scale).clamp_(0, top).round_().to(torch.uint8).flatten(-2)  # (..., D_pad)
+    rng = g.amax(-1, keepdim=True) - mn
+    scale = top / torch.where(rng > 0, rng, torch.ones_like(rng))
+    # Quantize against the stored (source-dtype) min and scale, so dequantization inverts exactly them.
+    mn, scale = mn.to(dtype), scale.to(dtype)
+    codes = ((g - mn.float()) * scale.float()).clamp_(0, top).round_().to(torch.uint8).flatten(-2)  # (..., D_pad)
     if bits == 4:  # two codes per byte: even index in the high nibble
         codes = (codes[..., 0::2] << 4) | codes[..., 1::2]
     return GroupQuantized(codes, mn, scale, bits, group_size, d)
@@ -63,8 +68,8 @@ def group_dequantize(qt: GroupQuantized) -> Tensor:
     codes = qt.codes
     if qt.bits == 4:
         codes = torch.stack([codes >> 4, codes & 0xF], -1).flatten(-2)
-    g = codes.view(*codes.shape[:-1], -1, qt.group_size).to(qt.mn.dtype)
-    return (g / qt.scale + qt.mn).flatten(-2)[..., : qt.dim]
+    g = codes.view(*codes.shape[:-1], -1, qt.group_size).float()
+    return (g / qt.scale.float() + qt.mn.float()).flatten(-2)[..., : qt.dim].to(qt.mn.dtype)
 
 
 def fake_quantize(x: Tensor, bits: int = 4, group_size: int = 64) -> Tensor:

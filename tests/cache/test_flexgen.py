@@ -138,3 +138,31 @@ def test_bad_flexgen_settings_are_one_line_errors(kw, word):
     with pytest.raises(ConfigError, match=word) as e:
         CacheConfig(policy="flexgen", **kw).validate()
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_constant_groups_and_half_precision(dtype):
+    qt = group_quantize(torch.full((2, 64), 3.0, dtype=dtype), 4, 64)
+    assert torch.isfinite(qt.scale).all() and (qt.codes == 0).all()
+    assert torch.equal(group_dequantize(qt), torch.full((2, 64), 3.0, dtype=dtype))
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    qt = group_quantize(x, 4, 64)
+    assert qt.mn.dtype == dtype and group_dequantize(qt).dtype == dtype
+    err = (group_dequantize(qt).float() - x.float()).abs().view(8, 2, 64)
+    step = 1 / qt.scale.float()
+    tol = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]  # output rounding to dtype
+    assert (err <= step / 2 + tol * x.float().abs().max()).all()
+
+
+def test_sparse_keep_count_matches_flexgen_integer_rounding():
+    from pikv_train.cache.policies.flexgen import sparse_attention
+
+    n = 90  # past keys: 0.7 * 90 is 62.999... in doubles (FlexGen keeps int() = 62) but 63.0 in fp32
+    q, k, v = torch.randn(1, 1, 1, 4), torch.randn(1, 1, n + 1, 4), torch.ones(1, 1, n + 1, 1)
+    vis = torch.ones(1, 1, 1, n + 1, dtype=torch.bool)
+    own = torch.zeros_like(vis)
+    own[..., -1] = True
+    out = sparse_attention(q, k, v, vis, own, 0.7)  # sum of the kept weights
+    p = (q @ k.transpose(-1, -2) / 2).softmax(-1)[0, 0, 0]
+    kept = p[:-1].sort(descending=True).values[: int(0.7 * n)].sum() + p[-1]
+    torch.testing.assert_close(out.flatten(), kept.reshape(1), rtol=1e-6, atol=1e-7)

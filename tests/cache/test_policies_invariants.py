@@ -121,3 +121,14 @@ def test_chunk_sequential_uses_the_whole_budget(name, chunk):
     last_rows = torch.arange(T)[(torch.arange(T) % chunk == chunk - 1) & (torch.arange(T) >= BUDGET - 1)]
     assert (counts[..., last_rows] == BUDGET).all()
     assert (counts[..., BUDGET - 1:] > BUDGET - chunk).all()
+
+
+def test_ada_kv_spends_the_whole_layer_budget():
+    """Selected slots go only to keys leaving the window: at the last row of every chunk (once the
+    sequence is long enough) the heads of a layer read exactly H_kv * budget keys in total."""
+    q, k = _qk(6)
+    c = 2  # below the window (4), so some window keys stay visible through the chunk
+    m, _ = _mask(_policy("ada_kv", chunk_size=c), q, k)
+    rows = torch.arange(2 * BUDGET - 1, T, c)
+    rows = rows[rows % c == c - 1]
+    assert len(rows) > 0 and (m.sum(-1).sum(1)[:, rows] == HKV * BUDGET).all()

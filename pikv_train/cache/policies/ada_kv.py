@@ -1,13 +1,17 @@
 """AdaKV (Feng et al., 2024) over SnapKV window scores, re-selected every C tokens.
 
 Per layer the heads share one budget ``H_kv * budget``: a recent/observation window of ``w`` keys per
-head (w = min(snap_window, budget // 2)) plus ``H_kv * (budget - w)`` selected keys, of which each head
-first reserves its own top ``floor(alpha * (budget - w))`` (alpha = 0.2) and the rest go to the globally
-best (head, key) scores. The base scorer is SnapKV: the last w queries before the boundary s0
-(rows [s0 - w, s0), so C1 holds) attend over the candidate keys (softmax over the candidates they can
-see, mean over the query heads of the group), summed over the window and max-pooled over key
-positions (kernel 7). Candidates: the previous selection plus the window keys; a key not selected
-leaves when it exits the window and never returns.
+head (w = min(snap_window, budget // 2)) plus ``H_kv * (budget - w)`` selected keys. AdaKV's safeguard
+gives every head at least ``floor(alpha * budget)`` (alpha = 0.2) of its best keys, the window counting
+(as in kvpress, where SnapKV's window keys score highest), so each head first reserves its top
+``max(0, floor(alpha * budget) - w)`` selected keys and the rest go to the globally best (head, key)
+scores. The base scorer is SnapKV: the last w queries before the boundary s0 (rows [s0 - w, s0), so
+C1 holds) attend over the stored keys (previous selection + window; softmax over those they can see,
+mean over the query heads of the group), summed over the window and max-pooled over key positions
+(kernel 7). Candidates: the previous selection plus the keys that leave the window during the coming
+chunk (``s0 - w <= j < s0 - w + C``); keys that stay in the window are decided at a later boundary, so
+no selected slot is spent on a key the window shows anyway. A key not selected leaves when it exits
+the window and never returns.
 
 Exact at chunk boundaries: the inference cache keeps the last w queries and takes the same decision
 from the keys it really stores, so decoding equals the masked parallel forward. Heads keep different
@@ -66,7 +70,8 @@ class AdaKVCache(PolicyCache):
                     logits = qw.double() @ k_all[h][idx[h]].double().t() / math.sqrt(qw.shape[-1])  # (g, nw, S)
                     p = logits.masked_fill(pos[None] > qpos[:, None], float("-inf")).softmax(-1).mean(0).sum(0)
                     grid = torch.zeros(t, dtype=torch.float64, device=dev).index_copy(0, pos, p)
-                    scores[h, pos] = _pool(grid[None], pol.cfg.snap_kernel)[0, pos]
+                    cand = keep[h] | (pos < t - w + c)  # previous selection + keys leaving the window
+                    scores[h, pos[cand]] = _pool(grid[None], pol.cfg.snap_kernel)[0, pos[cand]]
                 sel = ada_select(scores, floor, hkv * hh, torch.arange(t, device=dev, dtype=torch.float64))
                 keep = [sel[h, p_all[h][idx[h]]] for h in range(hkv)]
             for h, st in enumerate(states):
@@ -99,7 +104,7 @@ class AdaKVScheduler(CachePolicy):
         """(window w, selected per head on average, chunk C, per-head floor)."""
         w = max(1, min(self.cfg.snap_window, budget // 2))
         hh = budget - w
-        return w, hh, max(1, min(self.cfg.chunk_size, w)), int(self.cfg.ada_alpha * hh)
+        return w, hh, max(1, min(self.cfg.chunk_size, w)), max(0, int(self.cfg.ada_alpha * budget) - w)
 
     @torch.no_grad()
     def keep_per_chunk(self, q, k, budget):
@@ -113,10 +118,11 @@ class AdaKVScheduler(CachePolicy):
         out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=q.device)
         for ci in range(1, n_c):
             s0 = ci * c
-            cand = keep | ((j >= s0 - w) & (j < s0))
+            stored = keep | ((j >= s0 - w) & (j < s0))
+            cand = keep | ((j >= s0 - w) & (j < s0 - w + c))  # previous selection + keys leaving the window
             wr = j[max(0, s0 - w): s0]
             logits = qg[:, :, :, wr] @ kd[:, :, None].transpose(-1, -2) / math.sqrt(hd)  # (B, H_kv, g, nw, T)
-            vis = cand[:, :, None, None, :] & (j[None] <= wr[:, None])
+            vis = stored[:, :, None, None, :] & (j[None] <= wr[:, None])
             p = logits.masked_fill(~vis, float("-inf")).softmax(-1).mean(2).sum(2)  # (B, H_kv, T)
             sc = _pool(p, self.cfg.snap_kernel).masked_fill(~cand, float("-inf"))
             keep = ada_select(sc, floor, hkv * hh, j.double())

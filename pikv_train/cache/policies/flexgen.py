@@ -2,8 +2,13 @@
 
 Placement: the budget is the part of the KV cache kept in device memory; the most recent ``budget``
 tokens of every layer stay on the compute device and older ones are moved to ``offload_device`` (host
-memory), from where they are copied back (non-blocking, from pinned memory on CUDA, so the copy of one
-layer overlaps the compute of the previous one) when attention reads them. Nothing is evicted.
+memory), from where attention reads them back at each step. Nothing is evicted. Two deviations from
+FlexGen: (a) FlexGen splits the cache by (batch x head) segments (``cache_gpu_percent``); here the split
+is by token age, so the budget means tokens as in the other policies and the hot recent tokens stay on
+the device; (b) the host part is copied back inside the layer's own ``update`` (``non_blocking`` from
+pinned memory, but on the current stream and re-concatenated each step), not prefetched for the next
+layer on a side stream by FlexGen's overlapped zig-zag schedule. This is the reference placement that
+the tests hold to the dense output and byte counts, not FlexGen's I/O-optimised engine.
 
 Compression (``kv_bits: 4``, FlexGen's ``compress_cache``): stored keys and values are quantized
 group-wise along the head dimension (``kv_group_size`` 64, asymmetric min/max, two codes per byte;
@@ -17,7 +22,9 @@ prompt row follows the decode rule too, so training, prefill and token-by-token 
 Sparse attention (``attn_sparsity`` s < 1, FlexGen's ``attn_sparsity``): after the softmax over all
 visible keys, a query keeps the weights of its top ``int(s * n_past)`` earlier keys plus its own key and
 drops the rest without renormalising (FlexGen's ``_sparse_attention_value``, which reads only those
-values from host memory). Training forward and inference cache use the same function.
+values from host memory). Training forward and inference cache use the same function, on every row:
+FlexGen applies it at decode steps only and runs the prompt dense, so prefill rows differ from FlexGen's
+(and match the training forward and token-by-token decoding exactly).
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, own: Tensor, 
     p = (q @ kk.transpose(-1, -2) / math.sqrt(d)).masked_fill(~vis, float("-inf")).softmax(-1)  # (B, H, Tq, S)
     with torch.no_grad():
         past = vis & ~own
-        n_keep = (sparsity * past.sum(-1, keepdim=True)).floor()  # FlexGen: int(attn_sparsity * (src_s - 1))
+        # FlexGen: int(attn_sparsity * (src_s - 1)) in Python doubles; fp32 would round 0.7 * 90 to 63, not 62.
+        n_keep = (past.sum(-1, keepdim=True).double() * sparsity).floor()
         order = p.masked_fill(~past, -1.0).argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(p.shape[-1], device=p.device).expand_as(order))
         keep = (past & (rank < n_keep)) | (own & vis)
