@@ -222,6 +222,14 @@ class TaskBase(L.LightningModule):
         for g in grads:
             g.div_(n)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Projected parameters of the attention hooks (DuoAttention clamps its gates to [0, 1] in place
+        # after every optimizer step, as the paper does); idempotent between steps.
+        model = self.student_model
+        for hook in (model.cache_policy, model.kv_sharding):
+            if hook is not None and hasattr(hook, "after_optimizer_step"):
+                hook.after_optimizer_step()
+
     # -------------------------------------------------------------- non-finite guard
     nonfinite: str = "stop"
 

@@ -119,6 +119,22 @@ def test_duo_attention_gates_are_trained_with_l1_penalty():
     assert {"cache/duo_gate_mean", "cache/duo_gate_l0", "cache/kept_fraction", "cache/bytes_stored"} <= set(out.stats)
 
 
+def test_duo_attention_gates_are_clamped_after_each_step_and_full_budget_warns():
+    from pikv_train.tasks import LanguageModelTask
+
+    cfg = ModelConfig.preset("nano", n_head=4, n_kv_head=2)
+    task = LanguageModelTask(model=cfg, cache=CacheConfig(policy="duo_attention", budget=12, n_sink=2))
+    gates = task.model.cache_policy.gates
+    with torch.no_grad():
+        gates.copy_(torch.tensor([[1.7, -0.3], [0.4, 1.0]]))
+    task.on_train_batch_end(None, None, 0)  # what Lightning calls after the optimizer step
+    assert torch.equal(gates, torch.tensor([[1.0, 0.0], [0.4, 1.0]]))
+    model, _ = _model("nano", "duo_attention", budget=1.0)
+    model.train()
+    with pytest.warns(UserWarning, match="covers the whole"):
+        model(torch.randint(0, 258, (1, T)))
+
+
 @pytest.mark.parametrize("budget", [0, -0.5, 1.5, float("nan")])
 def test_bad_budget_is_a_one_line_config_error(budget):
     with pytest.raises(ConfigError, match="cache.budget"):

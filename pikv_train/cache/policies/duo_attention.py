@@ -2,15 +2,24 @@
 
 Each (layer, kv-head) has a learnable gate g (``gates``, a parameter of this hook, so it is trained
 and checkpointed with the model). Training with soft gates computes both passes and mixes
-``g * full + (1 - g) * streaming`` per kv-head; the gate is clamped to [0, 1] in the forward with a
-straight-through gradient (the paper clamps the parameter after each step). ``l1_penalty()`` is
+``g * full + (1 - g) * streaming`` per kv-head; as in the paper the parameter is clamped to [0, 1] in
+place after every optimizer step (``after_optimizer_step``, called by the tasks), and the forward also
+clamps with a straight-through gradient so a gate set out of range by hand still acts as 0 or 1.
+``l1_penalty()`` is
 ``duo_l1_weight * mean|g|`` and is put, differentiable, in ``ctx.stats['cache/l1_penalty']`` for the task
 to add to its loss. In eval mode (or with ``duo_hard``) the gates are thresholded at 0.5: heads with
 g >= 0.5 keep the full cache, the others only sinks + recent window (budget tokens) — exact: the
 inference cache stores per head what that head reads.
+
+Streaming heads read ``n_sink`` sinks + ``budget - n_sink`` recent tokens (StreamingLLM's layout). The
+paper's defaults are 64 sinks + 256 recent: ``n_sink: 64, budget: 320``. With a budget that covers the
+whole sequence a streaming head reads everything, the mixing gradient is zero and the L1 term alone
+drives every gate to 0; training warns about it.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -56,6 +65,10 @@ class DuoAttentionScheduler(CachePolicy):
         """(L, H_kv) bool: retrieval heads at inference."""
         return self.gates.detach().clamp(0, 1) >= self.cfg.duo_threshold
 
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.gates.clamp_(0, 1)
+
     def l1_penalty(self) -> torch.Tensor:
         return self.cfg.duo_l1_weight * self.gate_values().abs().mean()
 
@@ -73,6 +86,14 @@ class DuoAttentionScheduler(CachePolicy):
 
     def training_mask(self, q, k, ctx):
         m = super().training_mask(q, k, ctx)
+        t = q.shape[2]
+        if self.training and not self._hard() and self.budget_tokens(t) >= t and not getattr(self, "_warned", False):
+            self._warned = True
+            warnings.warn(
+                f"duo_attention: cache.budget={self.cfg.budget} covers the whole {t}-token sequence, so streaming "
+                "heads equal full attention and the gates only follow the L1 penalty to 0; set a budget below "
+                "the sequence length (the paper: n_sink 64, budget 320)", stacklevel=2,
+            )
         g = self.gate_values()
         if ctx.layer_idx == 0:
             ctx.stats["cache/l1_penalty"] = self.l1_penalty()  # differentiable: add it to the loss
@@ -116,8 +137,9 @@ class DuoAttentionScheduler(CachePolicy):
 
 @torch.no_grad()
 def calibrate_gates(model, input_ids: torch.Tensor, streaming_fraction: float = 0.5) -> torch.Tensor:
-    """Set untrained DuoAttention gates by scoring heads on the fly (as kvpress's DuoAttentionPress does
-    without released patterns): each kv-head alone is made streaming and the change of the final hidden
+    """Set untrained DuoAttention gates by a per-head ablation on calibration tokens (our method, for
+    students not trained with gates; kvpress's on-the-fly scoring instead uses the area under the
+    cumulative attention curve): each kv-head alone is made streaming and the change of the final hidden
     states (MSE vs full attention) is measured; the ``streaming_fraction`` of heads that change it least
     become streaming (gate 0), the others retrieval (gate 1). Returns the (L, H_kv) errors."""
     policy = model.cache_policy

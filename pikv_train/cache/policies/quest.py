@@ -7,6 +7,13 @@ at most ``budget`` keys. Page bounds use only complete pages (all keys < t), hen
 the bound is summed over the query heads of a kv-head (one selection per kv-head). The first
 ``quest_dense_layers`` (2) layers stay dense, as in the paper's code. Exact: the inference cache keeps
 every key and selects the same pages, so decoding equals the masked parallel forward.
+
+Deviations from Quest's code, both to keep the training forward equal to decoding under a strict
+budget: (a) Quest reads ``min(max(3, budget // page), n_pages)`` pages, i.e. at least 3 pages even when
+the budget is smaller; here K = budget // page and a budget under one page is refused, so no row reads
+more than ``budget`` keys (C2); (b) Quest runs the prompt (q_len > 1) dense and selects at decode steps
+only; here every training and prefill row selects, exactly as it would if decoded token by token.
+Quest also ranks the partial current page with the others; here it is always read (SPEC §4).
 """
 
 from __future__ import annotations

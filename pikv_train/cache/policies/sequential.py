@@ -11,8 +11,9 @@ A candidate not kept leaves as soon as it exits the window and never comes back 
 a candidate before it leaves the window.
 
 Training scores come from a dense no-grad attention pass (``dense_probs``): deviation (a) from the
-published algorithms, whose scores come from attention renormalised over the kept set; decisions every
-C tokens is deviation (b). ``simulate`` is a token-by-token simulator with real append/evict lists fed
+published algorithms, whose scores come from attention renormalised over the kept set (so a row's mass,
+and for LRU/LRU+ which keys count as "used" by the threshold / top-m rule, also reflect keys already
+evicted); decisions every C tokens is deviation (b). ``simulate`` is a token-by-token simulator with real append/evict lists fed
 by the same dense rows; it agrees exactly with the parallel mask for the same C (tested). The
 inference cache runs the same per-token loop on its own (budgeted) attention, i.e. the real algorithm.
 Measured agreement of C = 32 with per-token (C = 1) decisions, budget 0.25, T = 256 (IoU of visible sets /
