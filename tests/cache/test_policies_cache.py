@@ -189,6 +189,11 @@ def test_policy_switch_callback_switches_at_step_and_trains_new_gates():
     cb.on_train_batch_start(trainer, module, None, 0)
     assert type(model.cache_policy).__name__ == "DuoAttentionScheduler"
     assert opt.param_groups[-1]["params"][0] is model.cache_policy.gates
+    # Under DDP a switch that adds parameters is refused up front (DDP could not synchronise them).
+    cb = CachePolicySwitch(at_step=3, cache=CacheConfig(policy="duo_attention", budget=8))
+    with pytest.raises(ConfigError, match="DDP cannot synchronise"):
+        cb.on_fit_start(SimpleNamespace(world_size=2), module)
+    CachePolicySwitch(at_step=3, cache=CacheConfig(policy="h2o", budget=8)).on_fit_start(SimpleNamespace(world_size=2), module)
 
 
 @pytest.mark.gpu
