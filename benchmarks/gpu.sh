@@ -2,6 +2,8 @@
 # Every GPU figure of the project in one run (under 5 minutes on one H200), installing nothing it can avoid:
 #   1. benchmarks/router_kernel.py   fused Triton router vs eager PyTorch (T=16384, d=2048, E=64, k=8, bf16)
 #   2. benchmarks/gpu_cache_policies.py   (cache-policy figures, when that file exists)
+#   3. the CUDA tests (pytest -m gpu: FlexAttention training forward/backward vs the CPU masks), when
+#      pytest and lightning are importable
 # Results land in benchmarks/results/*.json and on stdout.
 #   bash benchmarks/gpu.sh             # on a CUDA machine
 #   bash benchmarks/gpu.sh --dry-run   # CPU dry runs (interpreted Triton, tiny shapes)
@@ -32,6 +34,10 @@ if [ -f benchmarks/gpu_cache_policies.py ]; then
   timeout 170 "$PY" benchmarks/gpu_cache_policies.py "${DRY[@]}" || status=$?
 else
   echo "== cache policies: benchmarks/gpu_cache_policies.py not present, skipped =="
+fi
+if [ ${#DRY[@]} -eq 0 ] && "$PY" -c "import pytest, lightning" 2>/dev/null; then
+  echo "== GPU tests (pytest -m gpu) =="
+  timeout 180 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider || status=$?
 fi
 echo "gpu.sh: done in $(( $(date +%s) - start )) s (exit $status)"
 exit $status

@@ -166,3 +166,16 @@ def test_sparse_keep_count_matches_flexgen_integer_rounding():
     p = (q @ k.transpose(-1, -2) / 2).softmax(-1)[0, 0, 0]
     kept = p[:-1].sort(descending=True).values[: int(0.7 * n)].sum() + p[-1]
     torch.testing.assert_close(out.flatten(), kept.reshape(1), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compressed_training_forward_matches_cpu():
+    model, pol = _model(budget=8, kv_bits=4, kv_group_size=8)
+    model.train()
+    x = torch.randint(0, 258, (2, 64))
+    ref = model(x).hidden
+    model.cuda()
+    out = model(x.cuda())  # FlexAttention over [Q(k) ; k] with a non-causal mask_mod
+    out.hidden.sum().backward()
+    torch.testing.assert_close(out.hidden.cpu(), ref, atol=2e-4, rtol=2e-4)
