@@ -37,10 +37,10 @@ def dense_probs(q: Tensor, k: Tensor) -> Tensor:
     """(B, H_kv, T, T) fp32 causal softmax attention averaged over each kv-head's query group (no grad)."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
-    qg = q.float().view(b, hkv, h // hkv, t, d)
-    logits = qg @ k.float()[:, :, None].transpose(-1, -2) / math.sqrt(d)  # (B, H_kv, g, T, T)
+    qg = q.float().view(b, hkv, h // hkv, t, d) * (1.0 / math.sqrt(d))  # scale the small operand
+    logits = qg @ k.float()[:, :, None].transpose(-1, -2)  # (B, H_kv, g, T, T), fresh: fill in place
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    return logits.masked_fill(~causal, float("-inf")).softmax(-1).mean(2)
+    return logits.masked_fill_(~causal, float("-inf")).softmax(-1).mean(2)
 
 
 def top_n_mask(score: Tensor, n: Tensor | int, tiebreak: Tensor) -> Tensor:

@@ -127,17 +127,21 @@ class ChunkSequentialPolicy(CachePolicy):
         b, hkv, t, _ = a.shape
         s, r, h, c = self.sizes(budget)
         n_c = -(-t // c)
+        used = self.used(a) if self.uses_use_signal else None  # before the upcast: same decisions, cheaper
         a = a.double()
-        rows = torch.nn.functional.pad(a, (0, 0, 0, n_c * c - t)).view(b, hkv, n_c, c, t)
-        imp = rows.sum(3).cumsum(2) - rows.sum(3)  # exclusive prefix over chunks (B, H_kv, nC, T)
+        pad = n_c * c - t
+        rows = (torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a).view(b, hkv, n_c, c, t)
+        per_chunk = rows.sum(3)  # (B, H_kv, nC, T) attention each key receives from each chunk's rows
+        imp = per_chunk.cumsum(2) - per_chunk  # exclusive prefix over chunks
         j = torch.arange(t, device=a.device)
-        if self.uses_use_signal:
-            used = torch.nn.functional.pad(self.used(a).double(), (0, 0, 0, n_c * c - t)).view(b, hkv, n_c, c, t)
-            freq = used.sum(3).cumsum(2) - used.sum(3)
-            srow = torch.arange(n_c * c, device=a.device, dtype=torch.float64).view(n_c, c)[..., None]
-            last_c = (used * (srow + 1)).amax(3)  # (B, H_kv, nC, T): last user + 1 in each chunk (0 = none)
+        if self.uses_use_signal:  # integer counts and row indices: exact, no (T, T) float64 copies
+            used = (torch.nn.functional.pad(used, (0, 0, 0, pad)) if pad else used).view(b, hkv, n_c, c, t)
+            uses = used.sum(3)  # (B, H_kv, nC, T) uses of each key by each chunk's rows
+            freq = (uses.cumsum(2) - uses).double()
+            srow = torch.arange(n_c * c, device=a.device).view(n_c, c)[..., None]
+            last_c = torch.where(used, srow + 1, 0).amax(3)  # (B, H_kv, nC, T): last user + 1 per chunk (0 = none)
             last = torch.cat([torch.zeros_like(last_c[:, :, :1]), last_c.cummax(2).values[:, :, :-1]], 2) - 1
-            last = torch.maximum(last, j.double())
+            last = torch.maximum(last.double(), j.double())
         else:  # H2O scores by attention mass alone
             freq = last = imp
         keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=a.device)
