@@ -13,7 +13,6 @@ A LightningCLI with:
 from __future__ import annotations
 
 import copy
-
 import os
 import sys
 import warnings
