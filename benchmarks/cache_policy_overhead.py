@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--budget", type=float, default=0.25)
-    ap.add_argument("--steps", type=int, default=7, help="timed rounds")
+    ap.add_argument("--steps", type=int, default=11, help="timed rounds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cache_policy_overhead.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -64,9 +64,12 @@ def main() -> None:
         policies[name] = pol
     times = {name: [] for name in policies}
     # Round-robin: every round times one step of each policy, so drift in machine load hits all of them
-    # alike; round 0 is warm-up. The figure is the median over rounds.
+    # alike, starting one policy later each round so no policy always follows the same one (allocator
+    # state after a heavy step); round 0 is warm-up. The figure is the median over rounds.
+    names = list(policies)
     for rnd in range(args.steps + 1):
-        for name, pol in policies.items():
+        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+            pol = policies[name]
             model.set_cache_policy(pol)
             model.train()
             sec = one_step(model, x)
