@@ -272,3 +272,16 @@ def test_validate_any_checkpoint_under_any_policy(tmp_path):
     model.set_cache_policy(build_policy(CacheConfig(policy="streaming_llm", budget=8, n_sink=2), cfg))
     ref = evaluate(model.eval(), d.val_dataloader(), max_batches=3)
     assert abs(ref["nll"] - results["streaming_llm"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["h2o", "lru", "lru_plus"])
+def test_chunk_sequential_cache_with_budget_t_drops_nothing(name):
+    """The inference cache gives heavy slots only to keys leaving the window too: with budget = T it
+    stores and reads every key, so decoding equals full attention."""
+    model, pol = _model("nano", name, budget=T, n_sink=2, chunk_size=4)
+    x = torch.randint(0, 258, (2, T))
+    cache = pol.new_cache(model.cfg.n_layer)
+    dec = _decode(model, cache, x)
+    model.set_cache_policy(None)
+    torch.testing.assert_close(dec, model.logits(model(x).hidden), atol=1e-4, rtol=1e-4)
+    assert int(cache.head_lengths(0).min()) == T
