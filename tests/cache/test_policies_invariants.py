@@ -132,3 +132,19 @@ def test_ada_kv_spends_the_whole_layer_budget():
     rows = torch.arange(2 * BUDGET - 1, T, c)
     rows = rows[rows % c == c - 1]
     assert len(rows) > 0 and (m.sum(-1).sum(1)[:, rows] == HKV * BUDGET).all()
+
+
+@pytest.mark.parametrize("name", ["h2o", "lru"])
+def test_blockwise_scoring_pass_equals_the_dense_one(name):
+    """The training mask scores keys from row blocks (no (T, T) scores per head); the statistics and the
+    mask equal those from the whole dense attention matrix."""
+    pol = _policy(name)
+    q, k = _qk(7)
+    c = pol.sizes(BUDGET)[3]
+    whole = pol.chunk_stats(dense_probs(q, k), c)
+    blocks = pol.stats_from_qk(q, k, c, block=3 * c)  # T = 48 rows in blocks of 12
+    torch.testing.assert_close(whole[0], blocks[0], rtol=0, atol=1e-12)  # float64 attention mass per chunk
+    for x, y in zip(whole[1:], blocks[1:]):  # integer use counts and last-use rows (None for H2O)
+        assert (x is None and y is None) or torch.equal(x, y)
+    ctx = AttentionContext(layer_idx=1, positions=torch.arange(T).expand(B, T))
+    assert torch.equal(pol.mask(q, k, ctx, BUDGET), pol.mask_from_probs(dense_probs(q, k), BUDGET))

@@ -10,15 +10,16 @@ A candidate not kept leaves as soon as it exits the window and never comes back 
 ``s`` sinks, ``R`` recent, ``H`` heavy with s + R + H = budget; C is capped at R so that every key is
 a candidate before it leaves the window.
 
-Training scores come from a dense no-grad attention pass (``dense_probs``): deviation (a) from the
-published algorithms, whose scores come from attention renormalised over the kept set (so a row's mass,
-and for LRU/LRU+ which keys count as "used" by the threshold / top-m rule, also reflect keys already
-evicted); decisions every C tokens is deviation (b). ``simulate`` is a token-by-token simulator with real append/evict lists fed
-by the same dense rows; it agrees exactly with the parallel mask for the same C (tested). The
-inference cache runs the same per-token loop on its own (budgeted) attention, i.e. the real algorithm.
-Measured agreement of C = 32 with per-token (C = 1) decisions, budget 0.25, T = 256 (IoU of visible sets /
-identical rows): H2O 0.946 / 29.3%, LRU 0.801 / 23.8%, LRU+ 0.904 / 23.7% (benchmarks/cache_policy_eval.py
---agreement).
+Training scores come from a dense no-grad attention pass (``dense_probs``, run in blocks of whole
+chunks of rows and reduced to per-chunk statistics at once, so no (T, T) score tensor per head is held
+even at long T): deviation (a) from the published algorithms, whose scores come from attention
+renormalised over the kept set (so a row's mass, and for LRU/LRU+ which keys count as "used" by the
+threshold / top-m rule, also reflect keys already evicted); decisions every C tokens is deviation (b).
+``simulate`` is a token-by-token simulator with real append/evict lists fed by the same dense rows; it
+agrees exactly with the parallel mask for the same C (tested). The inference cache runs the same
+per-token loop on its own (budgeted) attention, i.e. the real algorithm. Measured agreement of C = 32
+with per-token (C = 1) decisions, budget 0.25, T = 256 (IoU of visible sets / identical rows): H2O
+0.946 / 29.3%, LRU 0.801 / 23.8%, LRU+ 0.904 / 23.7% (benchmarks/cache_policy_eval.py --agreement).
 """
 
 from __future__ import annotations
@@ -121,31 +122,49 @@ class ChunkSequentialPolicy(CachePolicy):
     def used(self, a: Tensor) -> Tensor:
         return used_by_rows(a, self.cfg.lru_threshold, self.cfg.lru_top_m)
 
-    @torch.no_grad()
-    def keep_per_chunk(self, a: Tensor, budget: int) -> tuple[Tensor, tuple]:
-        """a (B, H_kv, T, T) dense causal attention -> keep_c (B, H_kv, nC, T) bool, and the sizes."""
-        b, hkv, t, _ = a.shape
-        s, r, h, c = self.sizes(budget)
-        n_c = -(-t // c)
+    def chunk_stats(self, a: Tensor, c: int, row0: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Per-chunk statistics of attention rows a (B, H_kv, R, T), rows row0.. (row0 a multiple of C).
+
+        Returns, per chunk of C rows and key (B, H_kv, nC_R, T): the attention mass the key receives
+        (float64), and for policies with a use signal how many rows use it and the last using row + 1
+        (int64, 0 = none); integer counts and row indices are exact.
+        """
+        b, hkv, rr, t = a.shape
+        n_c = -(-rr // c)
+        pad = n_c * c - rr
         used = self.used(a) if self.uses_use_signal else None  # before the upcast: same decisions, cheaper
         a = a.double()
-        pad = n_c * c - t
-        rows = (torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a).view(b, hkv, n_c, c, t)
-        per_chunk = rows.sum(3)  # (B, H_kv, nC, T) attention each key receives from each chunk's rows
-        imp = per_chunk.cumsum(2) - per_chunk  # exclusive prefix over chunks
-        j = torch.arange(t, device=a.device)
-        if self.uses_use_signal:  # integer counts and row indices: exact, no (T, T) float64 copies
-            used = (torch.nn.functional.pad(used, (0, 0, 0, pad)) if pad else used).view(b, hkv, n_c, c, t)
-            uses = used.sum(3)  # (B, H_kv, nC, T) uses of each key by each chunk's rows
+        mass = (torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a).view(b, hkv, n_c, c, t).sum(3)
+        if used is None:
+            return mass, None, None
+        used = (torch.nn.functional.pad(used, (0, 0, 0, pad)) if pad else used).view(b, hkv, n_c, c, t)
+        srow = torch.arange(row0, row0 + n_c * c, device=a.device).view(n_c, c)[..., None]
+        return mass, used.sum(3), torch.where(used, srow + 1, 0).amax(3)
+
+    def stats_from_qk(self, q: Tensor, k: Tensor, c: int, block: int | None = None):
+        """``chunk_stats`` of the dense no-grad attention, computed in blocks of whole chunks of rows so
+        that no (T, T) score tensor per head is ever held (default: about 4M scores per head and block)."""
+        t = q.shape[2]
+        block = max(c, ((block or 4 * 2**20 // t) // c) * c)
+        parts = [self.chunk_stats(dense_probs(q, k, r0, min(t, r0 + block)), c, r0) for r0 in range(0, t, block)]
+        return tuple(None if p[0] is None else torch.cat(p, 2) for p in zip(*parts))
+
+    @torch.no_grad()
+    def keep_per_chunk(self, stats, t: int, budget: int) -> tuple[Tensor, tuple]:
+        """``chunk_stats`` over all T rows -> keep_c (B, H_kv, nC, T) bool, and the sizes."""
+        s, r, h, c = self.sizes(budget)
+        mass, uses, last_c = stats
+        b, hkv, n_c, _ = mass.shape
+        imp = mass.cumsum(2) - mass  # exclusive prefix over chunks: mass from the rows before each chunk
+        j = torch.arange(t, device=mass.device)
+        if uses is not None:
             freq = (uses.cumsum(2) - uses).double()
-            srow = torch.arange(n_c * c, device=a.device).view(n_c, c)[..., None]
-            last_c = torch.where(used, srow + 1, 0).amax(3)  # (B, H_kv, nC, T): last user + 1 per chunk (0 = none)
             last = torch.cat([torch.zeros_like(last_c[:, :, :1]), last_c.cummax(2).values[:, :, :-1]], 2) - 1
             last = torch.maximum(last.double(), j.double())
         else:  # H2O scores by attention mass alone
             freq = last = imp
-        keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=a.device)
-        out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=a.device)
+        keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=mass.device)
+        out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=mass.device)
         for ci in range(1, n_c):
             s0 = ci * c
             cand = (keep | ((j >= s0 - r) & (j < s0 + c - r))) & (j >= s)  # keep ∪ keys leaving the window
@@ -154,20 +173,26 @@ class ChunkSequentialPolicy(CachePolicy):
             out[:, :, ci] = keep
         return out, (s, r, h, c)
 
-    def mask_from_probs(self, a: Tensor, budget: int) -> Tensor:
-        """The parallel training mask (B, H_kv, T, T) from dense attention a."""
-        t = a.shape[-1]
-        keep_c, (s, r, _, c) = self.keep_per_chunk(a, budget)
-        i = torch.arange(t, device=a.device)
+    def _mask(self, keep_c: Tensor, sizes: tuple, t: int, device) -> Tensor:
+        s, r, _, c = sizes
+        i = torch.arange(t, device=device)
         kept = keep_c[:, :, i // c]  # (B, H_kv, T, T)
-        return causal_mask(t, a.device) & ((i[None] < s) | (i[:, None] - i[None] < r) | kept)
+        return causal_mask(t, device) & ((i[None] < s) | (i[:, None] - i[None] < r) | kept)
+
+    def mask_from_probs(self, a: Tensor, budget: int) -> Tensor:
+        """The parallel training mask (B, H_kv, T, T) from dense attention a (B, H_kv, T, T)."""
+        t = a.shape[-1]
+        keep_c, sizes = self.keep_per_chunk(self.chunk_stats(a, self.sizes(budget)[3]), t, budget)
+        return self._mask(keep_c, sizes, t, a.device)
 
     def mask(self, q, k, ctx, budget):
-        return self.mask_from_probs(dense_probs(q, k), budget)
+        t = q.shape[2]
+        keep_c, sizes = self.keep_per_chunk(self.stats_from_qk(q, k, self.sizes(budget)[3]), t, budget)
+        return self._mask(keep_c, sizes, t, q.device)
 
     def mask_mod(self, q, k, ctx, budget):
-        keep_c, (s, r, _, c) = self.keep_per_chunk(dense_probs(q, k), budget)  # T/C x T bits per head
-        return lambda b, h, qi, ki: (ki < s) | (qi - ki < r) | keep_c[b, h, qi // c, ki]
+        keep_c, (s, r, _, c) = self.keep_per_chunk(self.stats_from_qk(q, k, self.sizes(budget)[3]), q.shape[2], budget)
+        return lambda b, h, qi, ki: (ki < s) | (qi - ki < r) | keep_c[b, h, qi // c, ki]  # T/C x T bits per head
 
     @torch.no_grad()
     def simulate(self, a: Tensor, budget: int) -> Tensor:
