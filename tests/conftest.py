@@ -42,3 +42,12 @@ def cli_env(**extra) -> dict:
     env.update({"WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "PIKV_QUIET_CONFIG": "1"})
     env.update(extra)
     return env
+
+
+@pytest.fixture
+def one_thread():
+    """Token-by-token decoding is many tiny ops: one intra-op thread avoids oversubscribing shared CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -50,3 +50,15 @@ def lm_recipe(tmp: Path, out: str = "run", steps: int = 4, extra: str = "", mode
         """
         + textwrap.dedent(extra),
     )
+
+
+def decode_tokenwise(model, cache, x, prefill: int):
+    """Logits (B, T, V) of ``x`` fed to ``model`` through ``cache``: a prefill of ``prefill`` tokens, then
+    one token per step (what the policy caches are held to against the masked parallel forward)."""
+    import torch
+
+    pos = torch.arange(x.shape[1]).expand_as(x)
+    outs = [model.logits(model(x[:, :prefill], positions=pos[:, :prefill], cache=cache).hidden)]
+    for i in range(prefill, x.shape[1]):
+        outs.append(model.logits(model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache).hidden))
+    return torch.cat(outs, 1)

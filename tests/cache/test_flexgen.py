@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import decode_tokenwise
 
 from pikv_train.cache import CacheConfig, build_policy
 from pikv_train.cache.quant import bytes_per_vector, fake_quantize, group_dequantize, group_quantize
@@ -14,14 +15,7 @@ from pikv_train.errors import ConfigError
 from pikv_train.models import Decoder, ModelConfig, generate
 
 T = 24
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_group_quantize_golden_values_and_packing():
@@ -64,14 +58,6 @@ def _model(**kw):
     return model.eval(), pol
 
 
-def _decode(model, cache, x, prefill):
-    pos = torch.arange(x.shape[1]).expand_as(x)
-    outs = [model.logits(model(x[:, :prefill], positions=pos[:, :prefill], cache=cache).hidden)]
-    for i in range(prefill, x.shape[1]):
-        outs.append(model.logits(model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache).hidden))
-    return torch.cat(outs, 1)
-
-
 @pytest.mark.parametrize("kw", [dict(kv_bits=4, kv_group_size=8), dict(attn_sparsity=0.5),
                                 dict(kv_bits=4, kv_group_size=16, attn_sparsity=0.3), dict(kv_bits=8)])
 def test_compressed_sparse_cache_decoding_equals_training_forward(kw):
@@ -79,7 +65,7 @@ def test_compressed_sparse_cache_decoding_equals_training_forward(kw):
     x = torch.randint(0, 258, (2, T))
     full = model.logits(model(x).hidden)
     for prefill in (1, 9):
-        dec = _decode(model, pol.new_cache(model.cfg.n_layer), x, prefill)
+        dec = decode_tokenwise(model, pol.new_cache(model.cfg.n_layer), x, prefill)
         torch.testing.assert_close(dec, full, atol=1e-4, rtol=1e-4)
     model.set_cache_policy(None)
     dense = model.logits(model(x).hidden)
@@ -90,7 +76,7 @@ def test_compressed_sparse_cache_decoding_equals_training_forward(kw):
 def test_compressed_cache_stores_codes_and_scales_exactly():
     model, pol = _model(budget=10, kv_bits=4, kv_group_size=8)
     cache = pol.new_cache(model.cfg.n_layer)
-    _decode(model, cache, torch.randint(0, 258, (2, T)), 5)
+    decode_tokenwise(model, cache, torch.randint(0, 258, (2, T)), 5)
     cfg = model.cfg  # head_dim 8: one group -> 4 bytes of codes + fp32 min and scale = 12 bytes (vs 32 raw)
     per_vec = bytes_per_vector(cfg.head_dim, 4, 8, 4)
     assert cfg.head_dim == 8 and per_vec == 12

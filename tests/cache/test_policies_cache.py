@@ -7,21 +7,15 @@ import warnings
 
 import pytest
 import torch
+from helpers import decode_tokenwise
 
 from pikv_train.cache import CacheConfig, H2OScheduler, StreamingLLMScheduler, build_policy
 from pikv_train.errors import ConfigError
 from pikv_train.models import Decoder, ModelConfig, generate
 
 T = 32
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Token-by-token decoding is many tiny ops: one intra-op thread avoids oversubscribing shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 EXACT = {
     "streaming_llm": dict(budget=12, n_sink=2),
     "quest": dict(budget=12, page_size=4, quest_dense_layers=1),
@@ -44,11 +38,7 @@ def _model(preset, name, **kw):
 
 
 def _decode(model, cache, x, prefill=7):
-    pos = torch.arange(x.shape[1]).expand_as(x)
-    outs = [model.logits(model(x[:, :prefill], positions=pos[:, :prefill], cache=cache).hidden)]
-    for i in range(prefill, x.shape[1]):
-        outs.append(model.logits(model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache).hidden))
-    return torch.cat(outs, 1)
+    return decode_tokenwise(model, cache, x, prefill)
 
 
 @pytest.mark.parametrize("preset,name", [("nano", n) for n in EXACT] + [("nano-moe", "streaming_llm"), ("nano-moe", "ada_kv")])
