@@ -91,6 +91,23 @@ def expand_args(args: list[str]) -> list[str]:
     return out
 
 
+def _cache_given(cache) -> bool:
+    """Whether the user set cache settings: on the command line, or values other than the defaults."""
+    from dataclasses import asdict
+
+    from pikv_train.cache.config import CacheConfig
+
+    if any(a.startswith(("--model.init_args.cache", "--model.cache")) for a in sys.argv[1:]):
+        return True
+    values = dict(vars(cache)) if hasattr(cache, "__dict__") else dict(cache or {})
+    default = asdict(CacheConfig())
+    return any(k in default and _same_type(v, default[k]) != default[k] for k, v in values.items())
+
+
+def _same_type(value, default):
+    return tuple(value) if isinstance(default, tuple) and value is not None else value
+
+
 class PiKVCLI(LightningCLI):
     """LightningCLI with the data module fixed to :class:`TextDataModule` and tasks chosen by class_path."""
 
@@ -127,13 +144,20 @@ class PiKVCLI(LightningCLI):
 
             read_checkpoint(ckpt)
         # Lightning overwrites the model arguments with the checkpoint's hyper-parameters. Outside fit (a
-        # resumed run must stay the same run) the configured cache policy stands, so any checkpoint can be
-        # validated, tested or used for prediction under any policy and budget.
+        # resumed run must stay the same run) cache settings the user gave (on the command line, or in a
+        # config that sets something other than the defaults) win, so any checkpoint can be validated,
+        # tested or used for prediction under any policy and budget; otherwise the checkpoint's apply.
         key = f"{sub}.model.init_args.cache"
         keep = copy.deepcopy(self.config.get(key)) if sub in ("validate", "test", "predict") and ckpt else None
+        if keep is not None and not _cache_given(keep):
+            keep = None
         super()._parse_ckpt_path()
         if keep is not None:
             self.config[key] = keep
+        if sub in ("validate", "test", "predict") and ckpt:
+            cache = self.config.get(key)
+            policy = getattr(cache, "policy", None) or (cache or {}).get("policy", "full")
+            rank_zero_info(f"{sub}: cache policy {policy} ({'as given' if keep is not None else 'from the checkpoint'})")
 
     def _instantiate_trainer(self, config, callbacks):
         # Lightning types limit_*_batches as float|int, so a YAML `limit_val_batches: 1` arrives as 1.0, which

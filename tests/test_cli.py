@@ -107,21 +107,24 @@ def test_interpolation_sees_command_line_overrides(tmp_path):
 
 def test_predict_writes_completions_and_whole_number_limits_count_batches(tmp_path):
     recipe = lm_recipe(tmp_path, "pred", steps=2)
-    assert run_cli("fit", "--config", str(recipe)).returncode == 0
+    streaming = ("--model.init_args.cache.budget", "8", "--model.init_args.cache.n_sink", "2")
+    proc = run_cli("fit", "--config", str(recipe), "--model.init_args.cache.policy", "streaming_llm", *streaming)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = tmp_path / "pred" / "checkpoints" / "last.ckpt"
     proc = run_cli("predict", "--config", str(recipe), "--ckpt_path", str(ckpt), "--trainer.limit_predict_batches", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4  # exactly one batch of 4 (a YAML/CLI "1" is one batch, not 100%)
     assert all(set(r) == {"prompt", "completion"} and r["prompt"] for r in rows)
-    # validate the same checkpoint under the configured policy (the checkpoint's hyper-parameters say full)
+    # validate the checkpoint (trained under streaming_llm) under the policy given, else under its own
     ppl = {}
-    for policy in ("full", "streaming_llm"):
-        proc = run_cli("validate", "--config", str(recipe), "--ckpt_path", str(ckpt), "--model.init_args.cache.policy",
-                       policy, "--model.init_args.cache.budget", "8", "--model.init_args.cache.n_sink", "2")
+    for policy, args in (("full", ("--model.init_args.cache.policy", "full")), ("own", ()),
+                         ("streaming_llm", ("--model.init_args.cache.policy", "streaming_llm", *streaming))):
+        proc = run_cli("validate", "--config", str(recipe), "--ckpt_path", str(ckpt), *args)
         assert proc.returncode == 0, proc.stderr[-2000:]
         ppl[policy] = float(re.search(r"val/ppl\W+([0-9.]+)", proc.stdout).group(1))
-    assert abs(ppl["streaming_llm"] - ppl["full"]) > 1e-3
+        assert ("from the checkpoint" if policy == "own" else "as given") in proc.stderr
+    assert abs(ppl["streaming_llm"] - ppl["full"]) > 1e-3 and ppl["own"] == ppl["streaming_llm"]
 
 
 def test_console_script_is_declared():

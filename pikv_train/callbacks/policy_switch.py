@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from pikv_train.cache.config import CacheConfig, build_policy
 from pikv_train.errors import ConfigError
+from pikv_train.tasks.base import HOOK_GROUP
 
 
 class CachePolicySwitch(L.Callback):
@@ -18,17 +19,22 @@ class CachePolicySwitch(L.Callback):
         at_step: global step at which the switch happens (before that batch's forward).
         cache: the policy to switch to (same keys as the task's ``cache:``).
 
-    Learnable policy parameters (DuoAttention gates) are added to the first optimizer as a new,
-    last parameter group (no weight decay) that follows the learning-rate schedule of the first
-    group. Resuming from a checkpoint written after the switch restores the switched policy with its
-    trained parameters and optimizer state (the task re-attaches the policy saved in the checkpoint
-    before the weights load; this callback remembers that it has switched).
+    Learnable policy parameters (DuoAttention gates) replace those of the optimizer's hook group (the
+    last group of ``build_optimizer``: no weight decay, on the same learning-rate schedule), and the
+    optimizer state of the replaced ones is dropped. Resuming from a checkpoint written after the switch
+    restores the switched policy with its trained parameters and optimizer state (the task re-attaches
+    the policy saved in the checkpoint before the weights load; this callback remembers that it has
+    switched). Several switches (at different steps) may be used in one run.
     """
 
     def __init__(self, at_step: int, cache: CacheConfig = CacheConfig()):
         self.at_step = at_step
         self.cache = cache if isinstance(cache, CacheConfig) else CacheConfig.from_dict(dict(cache))
         self._done = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(at_step=self.at_step, policy=self.cache.policy, budget=self.cache.budget)
 
     def state_dict(self) -> dict:
         return {"done": self._done}
@@ -56,19 +62,20 @@ class CachePolicySwitch(L.Callback):
         policy = build_policy(self.cache, model.cfg)
         if policy is not None:
             policy.to(next(model.parameters()).device)
-            params = [p for p in policy.parameters() if p.requires_grad]
-            if params and trainer.optimizers:
-                self._add_group(trainer, trainer.optimizers[0], params)
         model.set_cache_policy(policy)
+        if trainer.optimizers:
+            self._swap_hook_params(trainer.optimizers[0], model)
         rank_zero_info(f"cache policy -> {self.cache.policy} (budget {self.cache.budget}) at step {trainer.global_step}")
 
     @staticmethod
-    def _add_group(trainer: L.Trainer, opt, params) -> None:
-        lr0 = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])
-        opt.add_param_group({"params": params, "weight_decay": 0.0, "initial_lr": lr0})
-        for cfg in trainer.lr_scheduler_configs:  # LambdaLR: the new group follows group 0's factor
-            sched = cfg.scheduler
-            if sched.optimizer is opt and hasattr(sched, "lr_lambdas"):
-                sched.base_lrs.append(lr0)
-                sched.lr_lambdas.append(sched.lr_lambdas[0])
-                opt.param_groups[-1]["lr"] = opt.param_groups[0]["lr"]
+    def _swap_hook_params(opt, model) -> None:
+        group = opt.param_groups[-1]
+        if not group.get(HOOK_GROUP):
+            raise ConfigError(
+                "CachePolicySwitch needs the optimizer of pikv_train.tasks.base.build_optimizer (its last "
+                "group holds the attention hooks' parameters); use it in configure_optimizers"
+            )
+        for p in group["params"]:
+            opt.state.pop(p, None)
+        hooks = [h for h in (model.cache_policy, model.kv_sharding) if h is not None]
+        group["params"] = [p for h in hooks for p in h.parameters() if p.requires_grad]

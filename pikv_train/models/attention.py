@@ -61,7 +61,8 @@ class CausalSelfAttention(nn.Module):
         y = None
         if cache is not None:
             k, v, mask = cache.update(layer_idx, q, k, v, positions)
-            y = cache.attend(q, k, v, mask)
+            attend_fn = getattr(cache, "attend", None)  # duck-typed caches without it use SDPA
+            y = attend_fn(q, k, v, mask) if attend_fn is not None else None
         elif hooks:
             for h in hooks:
                 m = h.training_mask(q, k, ctx)

@@ -42,21 +42,41 @@ def as_config(cls, value):
     return cls(**dict(value))
 
 
+HOOK_GROUP = "pikv_hook_params"
+"""Key marking the optimizer group of the attention hooks' parameters (the last of ``build_optimizer``'s)."""
+
+
+def upgrade_optimizer_state(checkpoint: dict, n_hook_params: int) -> None:
+    """Checkpoints written when ``build_optimizer`` made two groups (hook parameters, if any, last in the
+    second): split them off into the third group, and extend the LR schedulers' per-group lists."""
+    for opt in checkpoint.get("optimizer_states", []):
+        groups = opt.get("param_groups", [])
+        if len(groups) != 2:
+            continue
+        ids = groups[1]["params"]
+        cut = len(ids) - n_hook_params
+        groups.append({**groups[1], "params": ids[cut:], "weight_decay": 0.0, HOOK_GROUP: True})
+        groups[1]["params"] = ids[:cut]
+    for sched in checkpoint.get("lr_schedulers", []):
+        for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+            if isinstance(sched.get(key), list) and len(sched[key]) == 2:
+                sched[key].append(sched[key][1])
+
+
 def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     """AdamW over ``module``'s trainable parameters with the warm-up + cosine schedule."""
     decay, no_decay, hooks = [], [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
-            # Matrices decay; vectors and the attention hooks' gates (DuoAttention) do not. Hook
-            # parameters get a group of their own, last: the group CachePolicySwitch adds mid-run, so a
-            # run resumed after a switch rebuilds the optimizer with the same group layout.
+            # Matrices decay; vectors and the attention hooks' gates (DuoAttention) do not.
             if name.startswith(("cache_policy.", "kv_sharding.")):
                 hooks.append(p)
             else:
                 (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if hooks:
-        groups.append({"params": hooks, "weight_decay": 0.0})
+    # Always three groups, the hook parameters last (possibly none): CachePolicySwitch swaps that
+    # group's parameters mid-run, so a resumed run rebuilds exactly the saved layout.
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": hooks, "weight_decay": 0.0, HOOK_GROUP: True}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     total = max(total_steps, 1)
 
@@ -100,27 +120,31 @@ class TaskBase(L.LightningModule):
         checkpoint["pikv_cache_policy"] = None if policy is None else asdict(policy.cfg)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Resuming a fit: re-attach the policy the run was using (it may come from CachePolicySwitch),
-        before the weights load and before configure_optimizers, so its parameters (DuoAttention gates)
-        load and the optimizer has their group. Validating/testing/predicting: the configured policy
-        stands (evaluate any checkpoint under any policy): saved policy state it does not have is
-        dropped, state the checkpoint lacks keeps its current value."""
+        """Resuming a fit (or ``load_from_checkpoint``): re-attach the policy the run was using (it may
+        come from CachePolicySwitch), before the weights load and before configure_optimizers, so its
+        parameters (DuoAttention gates) load and the optimizer has them in its hook group.
+        Validating/testing/predicting: the configured policy stands (evaluate any checkpoint under any
+        policy): saved policy state it does not have is dropped, state the checkpoint lacks keeps its
+        current value."""
         from lightning.pytorch.trainer.states import TrainerFn
 
         model = self.student_model
         current = None if model.cache_policy is None else asdict(model.cache_policy.cfg)
         saved = checkpoint.get("pikv_cache_policy", current)
-        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if fitting and saved != current:
+        restore = self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        if restore and saved != current:
             from pikv_train.cache.config import CacheConfig, build_policy
 
             rank_zero_info(f"resuming under the checkpoint's cache policy {None if saved is None else saved['policy']}")
             model.set_cache_policy(None if saved is None else build_policy(CacheConfig.from_dict(saved), model.cfg))
-        elif not fitting:
+        if restore:
+            hooks = [h for h in (model.cache_policy, model.kv_sharding) if h is not None]
+            upgrade_optimizer_state(checkpoint, sum(p.requires_grad for h in hooks for p in h.parameters()))
+        sd = checkpoint.get("state_dict")  # FSDP loads (and pops) the weights itself, before this hook
+        if not restore and sd is not None:
             prefix = next(n for n, m in self.named_modules() if m is model) + ".cache_policy."
             own = dict(model.cache_policy.state_dict()) if model.cache_policy is not None else {}
             own = {prefix + n: t for n, t in own.items()}
-            sd = checkpoint["state_dict"]
             for key in [k for k in sd if k.startswith(prefix) and k not in own]:
                 del sd[key]
             for key, t in own.items():  # a policy the checkpoint was not trained with keeps its own state

@@ -168,17 +168,22 @@ def test_policy_switch_callback_switches_at_step_and_trains_new_gates():
 
     from pikv_train.callbacks import CachePolicySwitch
 
+    from pikv_train.tasks.base import OptimConfig, build_optimizer
+
     model = Decoder(ModelConfig.preset("nano"))
-    opt = torch.optim.AdamW(model.parameters())
+    opt = build_optimizer(model, OptimConfig(), 10)["optimizer"]
     cb = CachePolicySwitch(at_step=3, cache=CacheConfig(policy="duo_attention", budget=8))
-    trainer = SimpleNamespace(global_step=2, optimizers=[opt], lr_scheduler_configs=[], world_size=1)
+    trainer = SimpleNamespace(global_step=2, optimizers=[opt], world_size=1)
     module = SimpleNamespace(student_model=model)
     cb.on_train_batch_start(trainer, module, None, 0)
     assert model.cache_policy is None
     trainer.global_step = 3
     cb.on_train_batch_start(trainer, module, None, 0)
     assert type(model.cache_policy).__name__ == "DuoAttentionScheduler"
-    assert opt.param_groups[-1]["params"][0] is model.cache_policy.gates
+    assert opt.param_groups[-1]["params"] == [model.cache_policy.gates]
+    with pytest.raises(ConfigError, match="build_optimizer"):  # an optimizer without the hook group
+        CachePolicySwitch(at_step=0, cache=CacheConfig(policy="h2o", budget=8)).on_train_batch_start(
+            SimpleNamespace(global_step=0, optimizers=[torch.optim.AdamW(model.parameters())]), module, None, 0)
     # Under DDP a switch that adds parameters is refused up front (DDP could not synchronise them).
     cb = CachePolicySwitch(at_step=3, cache=CacheConfig(policy="duo_attention", budget=8))
     with pytest.raises(ConfigError, match="DDP cannot synchronise"):
@@ -210,10 +215,11 @@ def test_run_resumed_after_a_switch_to_duo_attention_keeps_gates_and_optimizer(t
 
     def fit(steps, ckpt_path=None):
         task = LanguageModelTask(model=ModelConfig.preset("nano", n_head=4, n_kv_head=2))
-        switch = CachePolicySwitch(at_step=2, cache=CacheConfig(policy="duo_attention", budget=8, n_sink=2))
+        switches = [CachePolicySwitch(at_step=2, cache=CacheConfig(policy="duo_attention", budget=8, n_sink=2)),
+                    CachePolicySwitch(at_step=5, cache=CacheConfig(policy="streaming_llm", budget=8, n_sink=2))]
         ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=-1)
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, limit_val_batches=0, callbacks=[switch, ckpt],
+                            enable_model_summary=False, limit_val_batches=0, callbacks=[*switches, ckpt],
                             default_root_dir=tmp_path)
         trainer.fit(task, datamodule=TextDataModule(max_documents=8, seq_len=32, batch_size=2), ckpt_path=ckpt_path)
         return task, trainer
@@ -231,6 +237,38 @@ def test_run_resumed_after_a_switch_to_duo_attention_keeps_gates_and_optimizer(t
     assert len(opt.param_groups) == 3 and opt.param_groups[-1]["params"][0] is task2.model.cache_policy.gates
     torch.testing.assert_close(task2.model.cache_policy.gates.detach(), ref_gates)  # same step 4 as without the break
     assert [g["lr"] for g in opt.param_groups] == [opt.param_groups[0]["lr"]] * 3  # gates follow the schedule
+    # A second switch, away from DuoAttention (the hook group empties), and a resume after it.
+    task3, trainer3 = fit(6, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert type(task3.model.cache_policy).__name__ == "StreamingLLMScheduler"
+    assert trainer3.optimizers[0].param_groups[-1]["params"] == []
+    task4, trainer4 = fit(7, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
+    assert type(task4.model.cache_policy).__name__ == "StreamingLLMScheduler" and trainer4.global_step == 7
+
+
+def test_checkpoints_with_the_two_group_optimizer_layout_are_upgraded():
+    from pikv_train.tasks.base import HOOK_GROUP, upgrade_optimizer_state
+
+    ckpt = {"optimizer_states": [{"state": {}, "param_groups": [{"params": [0, 1], "weight_decay": 0.1, "lr": 1.0},
+                                                                 {"params": [2, 3, 4], "weight_decay": 0.0, "lr": 1.0}]}],
+            "lr_schedulers": [{"base_lrs": [1.0, 1.0], "_last_lr": [0.5, 0.5], "lr_lambdas": [None, None]}]}
+    upgrade_optimizer_state(ckpt, n_hook_params=1)  # the old layout kept a DuoAttention gate last in group 2
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["params"] for g in groups] == [[0, 1], [2, 3], [4]] and groups[2][HOOK_GROUP]
+    assert ckpt["lr_schedulers"][0]["_last_lr"] == [0.5, 0.5, 0.5]
+
+
+def test_validation_checkpoint_without_weights_is_left_to_the_strategy():
+    """FSDP loads and pops the weights before on_load_checkpoint: nothing to adjust, no KeyError."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from pikv_train.tasks import LanguageModelTask
+
+    task = LanguageModelTask(model=ModelConfig.preset("nano"), cache=CacheConfig(policy="streaming_llm", budget=8))
+    task._trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    task.on_load_checkpoint({"pikv_cache_policy": None})
+    assert type(task.model.cache_policy).__name__ == "StreamingLLMScheduler"
 
 
 def test_validate_any_checkpoint_under_any_policy(tmp_path):

@@ -143,9 +143,10 @@ class FlexGenCache(KVCache):
             target = torch.device(self.policy.cfg.offload_device)
             pin = torch.cuda.is_available() and target.type == "cpu"
             moved = self._map(lambda ts, d: ts[0].narrow(d, 0, over).to(target), dev)
-            if pin:
-                moved = self._map(lambda ts, d: ts[0].pin_memory(), moved)
-            self.host_part[layer_idx] = self._cat(host, moved)
+            host = self._cat(host, moved)
+            if pin:  # torch.cat returns pageable memory: pin the grown host part again
+                host = self._map(lambda ts, d: ts[0].pin_memory(), host)
+            self.host_part[layer_idx] = host
             dev = self._map(lambda ts, d: ts[0].narrow(d, over, ts[0].shape[d] - over), dev)
         self.device_part[layer_idx] = dev
         return keys, values, mask

@@ -199,7 +199,7 @@ class ChunkSequentialPolicy(CachePolicy):
         """Token-by-token reference: real append/evict lists fed by the dense rows of a (B, H_kv, T, T)."""
         b, hkv, t, _ = a.shape
         out = torch.zeros(b, hkv, t, t, dtype=torch.bool)
-        used_full = self.used(a.double())
+        used_full = self.used(a)  # in a's own dtype, like chunk_stats (a float32 threshold test can differ)
         for bi in range(b):
             for hi in range(hkv):
                 tr = SeqTrack(self, budget, a.device)
