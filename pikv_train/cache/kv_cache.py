@@ -7,6 +7,8 @@ object carries the state to the next step. Scheduling policies (``pikv_train.cac
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,9 @@ class KVCache:
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
         self.key_pos: list[Tensor | None] = [None] * n_layer
+        self.extra: dict = {}
+        """State that other decoder parts keep per generation (e.g. the MoE layers' causal capacity counts,
+        keyed by the component); snapshot/restore and bytes accounting include it."""
 
     def __len__(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
@@ -30,6 +35,25 @@ class KVCache:
     def bytes_stored(self) -> int:
         """Bytes held by keys and values over all layers."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    _shared_attrs = ("policy",)
+    """Attributes that reference shared objects (the policy module) and are not copied by ``snapshot``."""
+
+    def snapshot(self) -> dict:
+        """A copy of the cache's whole state (tensors cloned), for :meth:`restore`.
+
+        Speculative decoding snapshots the student's cache before a proposal round and restores it
+        afterwards, then re-feeds the accepted tokens: exact for every cache, including the evicting
+        policies whose decisions cannot be undone by hiding positions.
+        """
+        shared = {a: self.__dict__[a] for a in self._shared_attrs if a in self.__dict__}
+        memo = {id(v): v for v in shared.values()}
+        return copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in shared}, memo)
+
+    def restore(self, snap: dict) -> None:
+        """Return to the state of :meth:`snapshot` (the snapshot can be restored again)."""
+        shared = {a: self.__dict__[a] for a in self._shared_attrs if a in self.__dict__}
+        self.__dict__.update(copy.deepcopy(snap, {id(v): v for v in shared.values()}))
 
     def rollback(self, keep_until: Tensor) -> None:
         """Hide every cached key whose position is beyond ``keep_until`` (B,) in its row.

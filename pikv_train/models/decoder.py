@@ -107,6 +107,17 @@ class Decoder(nn.Module):
         """Place keys in expert shards and read them through routing (None = unsharded)."""
         self.kv_sharding = sharding
 
+    def new_cache(self, seq_len: int | None = None):
+        """The inference cache this model is deployed with: its cache policy, KV sharding (and KV
+        compression) composed, as trained (SPEC §7). Every generation path builds its cache here.
+
+        Args:
+            seq_len: reference length of a fractional budget (default: the policy's fixed reference length).
+        """
+        from pikv_train.cache.compose import deployed_cache
+
+        return deployed_cache(self, seq_len)
+
     @property
     def is_moe(self) -> bool:
         return self.cfg.moe is not None

@@ -159,9 +159,14 @@ class CachePolicy(AttentionHook):
         return 2 * k.shape[-1] * k.element_size()
 
     # ------------------------------------------------------------------ inference
-    def new_cache(self, n_layer: int, seq_len: int | None = None) -> "PolicyCache":
-        """The inference cache driven by this policy (``generate(..., cache_factory=policy.new_cache)``)."""
-        return self.cache_cls(self, n_layer, self.budget_tokens(seq_len or self.seq_len))
+    def new_cache(self, n_layer: int, seq_len: int | None = None, sharding=None) -> "PolicyCache":
+        """The inference cache driven by this policy (``generate(..., cache_factory=policy.new_cache)``);
+        with ``sharding`` (an :class:`~pikv_train.cache.sharding.ExpertShardedKV`) queries read through the
+        expert-sharded rule as well (``Decoder.new_cache`` passes the model's)."""
+        cache = self.cache_cls(self, n_layer, self.budget_tokens(seq_len or self.seq_len))
+        if sharding is not None:
+            cache.set_sharding(sharding)
+        return cache
 
     cache_cls: type = None  # set by subclasses
 
