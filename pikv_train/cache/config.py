@@ -25,8 +25,9 @@ class CacheConfig:
     """Keys each query may read, per layer and kv-head: a fraction of the sequence (0 < b <= 1) or a
     token count (an integer > 1). For FlexGen it is the part of the cache kept in device memory."""
     reference_len: int | None = None
-    """Sequence length a fractional budget refers to in the inference cache (default: the length of the
-    last training/evaluation forward; pass ``seq_len`` to ``new_cache`` to override)."""
+    """L, the fixed length a fractional budget refers to, the same in training and in the inference cache
+    (never a padded batch's length): default the model's max_seq_len; recipes set it to data.seq_len.
+    A budget of L tokens or more keeps every key: the policy is skipped with a warning."""
 
     # -- shared by the policies with sinks (StreamingLLM, LRU, LRU+, DuoAttention streaming heads)
     n_sink: int = 4
@@ -111,6 +112,11 @@ class CacheConfig:
                               "keys each query keeps, e.g. 0.25); remove sparse_top_k")
         if not 0 < self.attn_sparsity <= 1:
             raise ConfigError(f"cache.attn_sparsity={self.attn_sparsity} must lie in (0, 1] (1 = dense)")
+        if self.reference_len is not None and self.reference_len < 1:
+            raise ConfigError(f"cache.reference_len={self.reference_len} must be >= 1 (or null: the model's max_seq_len)")
+        if not 0 < self.lru_threshold <= 1:
+            raise ConfigError(f"cache.lru_threshold={self.lru_threshold} must lie in (0, 1]: a query 'uses' a key "
+                              "when its attention weight reaches it")
         if self.heavy_ratio < 0 or self.recent_ratio <= 0:
             raise ConfigError("cache.recent_ratio must be > 0 and cache.heavy_ratio >= 0")
         return self
@@ -152,6 +158,4 @@ def build_policy(cfg: CacheConfig | dict | None, model_cfg=None):
         "ada_kv": P.AdaKVScheduler,
         "duo_attention": P.DuoAttentionScheduler,
     }[cfg.policy]
-    if cfg.policy == "duo_attention":
-        return cls(cfg, model_cfg)
-    return cls(cfg)
+    return cls(cfg, model_cfg)

@@ -103,10 +103,44 @@ def shard_scores(q_group: Tensor, key_sum: Tensor, key_cnt: Tensor) -> Tensor:
     return sc.masked_fill((key_cnt == 0)[:, None], float("-inf"))
 
 
+def shard_visibility(q_pos: Tensor, k_pos: Tensor, k_mem: Tensor, reads: Tensor, n_sink: int, window: int) -> Tensor:
+    """SPEC §3's rule, the one source for the training mask and every inference cache.
+
+    Args:
+        q_pos: (..., Tq) query positions; k_pos: (..., N) key positions (-1 = padding).
+        k_mem: (..., N, S) bool shards each key is stored in; reads: (..., Tq, S) bool shards each query reads.
+    Returns:
+        (..., Tq, N) bool: ``j <= t`` and (a shard in common, or a sink, or inside the local window).
+    """
+    qp, kp = q_pos[..., :, None], k_pos[..., None, :]
+    hit = (reads.float() @ k_mem.float().transpose(-1, -2)) > 0
+    return (kp <= qp) & (kp >= 0) & (hit | (kp < n_sink) | (qp - kp < window))
+
+
 def group_queries(q: Tensor, n_kv_head: int) -> Tensor:
     """(B, H, T, hd) -> (B, H_kv, T, hd): sum of the query heads that share each kv-head."""
     b, h, t, hd = q.shape
     return q.float().view(b, n_kv_head, h // n_kv_head, t, hd).sum(2)
+
+
+def batched_reads(sharding: "ExpertShardedKV", q: Tensor, k: Tensor, member: Tensor, state: dict) -> Tensor:
+    """R_t of new queries in a batched cache: (B, 1 | H_kv, Tq, S) bool.
+
+    Args:
+        q: (B, H, Tq, hd) queries; k: (B, H_kv, Tq, hd) keys; member: (B, Tq, S) shards of the new tokens.
+        state: the layer's running by_score summaries (``key_sum`` (B, H_kv, S, hd), ``key_cnt`` (B, S)),
+            created and updated in place.
+    """
+    if sharding.cfg.read_mode == "by_routing":
+        return member[:, None]
+    b, h, tq, hd = k.shape
+    if "key_sum" not in state:
+        state["key_sum"] = torch.zeros(b, h, sharding.n_shards, hd, dtype=torch.float32, device=k.device)
+        state["key_cnt"] = torch.zeros(b, sharding.n_shards, dtype=torch.long, device=k.device)
+    key_sum = state["key_sum"][:, :, None] + torch.einsum("bts,bhtd->bhtsd", member.float(), k.float()).cumsum(2)
+    key_cnt = state["key_cnt"][:, None] + member.long().cumsum(1)
+    state["key_sum"], state["key_cnt"] = key_sum[:, :, -1], key_cnt[:, -1]
+    return top_shards(shard_scores(group_queries(q, h), key_sum, key_cnt), sharding.n_read)
 
 
 class ExpertShardedKV(AttentionHook):
@@ -151,18 +185,15 @@ class ExpertShardedKV(AttentionHook):
         with torch.no_grad():
             member = shard_membership(prev.ids, prev.valid, self.n_shards).view(b, t, self.n_shards)
             pos = ctx.positions
-            qp, kp = pos[:, :, None], pos[:, None, :]
-            causal = (kp <= qp) & (kp >= 0)
-            always = (kp < self.cfg.n_sink) | (qp - kp < self.cfg.window)  # (B, T, T)
+            causal = (pos[:, None, :] <= pos[:, :, None]) & (pos[:, None, :] >= 0)  # (B, T, T)
             if self.cfg.read_mode == "by_routing":
-                hit = torch.einsum("bts,bjs->btj", member.float(), member.float()) > 0
-                mask = (causal & (hit | always))[:, None]  # (B, 1, T, T)
+                mask = shard_visibility(pos, pos, member, member, self.cfg.n_sink, self.cfg.window)[:, None]
             else:
                 key_sum = torch.einsum("bjs,bhjd->bhjsd", member.float(), k.float()).cumsum(2)  # (B, H_kv, T, S, hd)
                 key_cnt = member.long().cumsum(1)  # (B, T, S)
                 reads = top_shards(shard_scores(group_queries(q, self.n_kv_head), key_sum, key_cnt), self.n_read)
-                hit = torch.einsum("bhts,bjs->bhtj", reads.float(), member.float()) > 0
-                mask = (causal & always)[:, None] | (causal[:, None] & hit)  # (B, H_kv, T, T)
+                mask = shard_visibility(pos[:, None], pos[:, None], member[:, None], reads,
+                                        self.cfg.n_sink, self.cfg.window)  # (B, H_kv, T, T)
             n_causal = causal.sum(-1).clamp_min(1)[:, None]  # (B, 1, T)
             frac = (mask.sum(-1) / n_causal).mean()
             n = stats.get("_kv_sharded_layers", 0)

@@ -65,6 +65,8 @@ class CausalSelfAttention(nn.Module):
             y = attend_fn(q, k, v, mask) if attend_fn is not None else None
         elif hooks:
             for h in hooks:
+                if ctx is not None:
+                    ctx.prior_mask = mask
                 m = h.training_mask(q, k, ctx)
                 if m is not None:
                     mask = m if mask is None else mask & m

@@ -31,6 +31,12 @@ class AttentionContext:
     """Set by the block when its router needs detached attention statistics (PiKVRouter)."""
     attention_probs: Tensor | None = None
     """(B, H, T, T) no-grad attention probabilities of this layer, when requested."""
+    prior_mask: Tensor | None = None
+    """AND of the masks of the hooks consulted before this one (e.g. expert sharding before the cache
+    policy), (B|1, 1|H_kv, T, T) bool or None: a policy that decides from the attention a query really
+    pays (H2O, LRU, LRU+) computes it under this mask, as its inference cache does."""
+    scratch: dict = field(default_factory=dict)
+    """Per-layer values a hook computes in ``training_mask`` and reuses in ``attend`` (e.g. its mask_mod)."""
 
 
 class AttentionHook(nn.Module):

@@ -9,7 +9,7 @@ scores. The base scorer is SnapKV: the last w queries before the boundary s0 (ro
 C1 holds) attend over the stored keys (previous selection + window; softmax over those they can see,
 mean over the query heads of the group), summed over the window and max-pooled over key positions
 (kernel 7). Candidates: the previous selection plus the keys that leave the window during the coming
-chunk (``s0 - w <= j < s0 - w + C``); keys that stay in the window are decided at a later boundary, so
+chunk (``s0 - w <= j < e - w``, e = min(s0 + C, L) with L the reference length); keys that stay in the window are decided at a later boundary, so
 no selected slot is spent on a key the window shows anyway. A key not selected leaves when it exits
 the window and never returns.
 
@@ -70,7 +70,7 @@ class AdaKVCache(PolicyCache):
                     logits = qw.double() @ k_all[h][idx[h]].double().t() / math.sqrt(qw.shape[-1])  # (g, nw, S)
                     p = logits.masked_fill(pos[None] > qpos[:, None], float("-inf")).softmax(-1).mean(0).sum(0)
                     grid = torch.zeros(t, dtype=torch.float64, device=dev).index_copy(0, pos, p)
-                    cand = keep[h] | (pos < t - w + c)  # previous selection + keys leaving the window
+                    cand = keep[h] | (pos < pol.chunk_end(t, c, self.ref_len) - w)  # keep ∪ keys leaving the window
                     scores[h, pos[cand]] = _pool(grid[None], pol.cfg.snap_kernel)[0, pos[cand]]
                 sel = ada_select(scores, floor, hkv * hh, torch.arange(t, device=dev, dtype=torch.float64))
                 keep = [sel[h, p_all[h][idx[h]]] for h in range(hkv)]
@@ -119,7 +119,7 @@ class AdaKVScheduler(CachePolicy):
         for ci in range(1, n_c):
             s0 = ci * c
             stored = keep | ((j >= s0 - w) & (j < s0))
-            cand = keep | ((j >= s0 - w) & (j < s0 - w + c))  # previous selection + keys leaving the window
+            cand = keep | ((j >= s0 - w) & (j < self.chunk_end(s0, c) - w))  # previous selection + keys leaving the window
             wr = j[max(0, s0 - w): s0]
             logits = qg[:, :, :, wr] @ kd[:, :, None].transpose(-1, -2) / math.sqrt(hd)  # (B, H_kv, g, nw, T)
             vis = stored[:, :, None, None, :] & (j[None] <= wr[:, None])

@@ -10,6 +10,7 @@ with a block mask from the policy's ``mask_mod`` (see :mod:`pikv_train.cache.pol
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -71,22 +72,47 @@ class CachePolicy(AttentionHook):
 
     Subclasses implement ``mask(q, k, ctx, budget)`` (the CPU training mask) and ``_step`` of their
     cache; ``mask_mod`` gives the FlexAttention form on CUDA.
+
+    Budgets: a fractional budget resolves against one fixed reference length L, the same in training
+    and at inference (never against a padded batch): ``cache.reference_len`` when set, else the model's
+    ``max_seq_len`` (taken when the policy is built with the model config or attached to a model).
+    A budget of L tokens or more cannot evict anything, so the policy is skipped (no scoring pass) and
+    a warning says so once.
     """
 
     evicts = True  # eviction policy (C3 applies) vs selection/placement policy
+    skips_when_budget_covers = True  # budget >= L: the mask is plain causal, skip the scoring pass
 
-    def __init__(self, cfg: CacheConfig | None = None, **overrides):
+    def __init__(self, cfg: CacheConfig | None = None, model_cfg=None, **overrides):
         super().__init__()
         cfg = cfg or CacheConfig()
         if overrides:
             cfg = CacheConfig.from_dict({**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, **overrides})
         self.cfg = cfg.validate()
-        self.seq_len: int | None = cfg.reference_len
+        self.reference_len: int | None = cfg.reference_len or getattr(model_cfg, "max_seq_len", None)
         self.use_flex: bool | None = None  # None: FlexAttention on CUDA, SDPA + bool mask elsewhere
+        self._warned_inert = False
+
+    def bind(self, model_cfg) -> None:
+        """Take the model's ``max_seq_len`` as the reference length when none is set yet."""
+        if self.reference_len is None:
+            self.reference_len = model_cfg.max_seq_len
 
     # ------------------------------------------------------------------ budget
-    def budget_tokens(self, seq_len: int | None) -> int:
-        return resolve_budget(self.cfg.budget, seq_len)
+    def budget_tokens(self, seq_len: int | None = None) -> int:
+        """The budget in tokens: against ``seq_len`` if given, else the fixed reference length."""
+        return resolve_budget(self.cfg.budget, seq_len or self.reference_len)
+
+    def chunk_end(self, s0: int, c: int, ref_len: int | None = None) -> int:
+        """One past the last row of the chunk that starts at s0, capped at the reference length: keys that
+        cannot leave the window before row L - 1 never compete for kept slots (budget L drops nothing)."""
+        ref = ref_len or self.reference_len
+        return min(s0 + c, ref) if ref is not None and s0 < ref else s0 + c
+
+    def inert(self, budget: int) -> bool:
+        """True when the budget covers the reference length: the policy cannot change any row."""
+        ref = self.reference_len
+        return self.skips_when_budget_covers and ref is not None and budget >= ref
 
     # ------------------------------------------------------------------ training
     def mask(self, q: Tensor, k: Tensor, ctx: AttentionContext, budget: int) -> Tensor | None:
@@ -95,27 +121,45 @@ class CachePolicy(AttentionHook):
     def _flex(self, q: Tensor) -> bool:
         return q.is_cuda if self.use_flex is None else self.use_flex
 
+    def _warn_inert(self, budget: int) -> None:
+        if not self._warned_inert:
+            self._warned_inert = True
+            warnings.warn(
+                f"cache.policy={self.cfg.policy}: budget {budget} tokens covers the reference length "
+                f"{self.reference_len}, so the policy keeps every key and is skipped; set cache.budget below 1.0 "
+                "(or below cache.reference_len tokens) to train under it", stacklevel=3,
+            )
+
     def training_mask(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> Tensor | None:
-        t = q.shape[2]
-        if self.cfg.reference_len is None:
-            self.seq_len = t  # fractional budgets of the inference cache refer to the last length seen
+        budget = self.budget_tokens()
+        if self.inert(budget):
+            self._warn_inert(budget)
+            self.log_stats(ctx, None, budget, k)
+            return None
         if self._flex(q):
-            return None  # the mask is built as a FlexAttention block mask in ``attend``
-        budget = self.budget_tokens(t)
+            # The mask is built as a FlexAttention block mask in ``attend``; statistics from the same mask_mod.
+            mm = self.mask_mod(q, k, ctx, budget)
+            ctx.scratch["policy_mask_mod"] = mm
+            b, hkv, t, _ = k.shape
+            self.log_stats(ctx, None if mm is None else counts_from_mask_mod(mm, b, hkv, t, k.device), budget, k)
+            return None
         m = self.mask(q, k, ctx, budget)
-        self.log_stats(ctx, m, budget, k)
+        self.log_stats(ctx, None if m is None else m.expand(k.shape[0], k.shape[1], -1, -1).sum(-1), budget, k)
         return m
 
     def attend(self, q, k, v, mask, ctx):
         if not self._flex(q):
             return None
+        budget = self.budget_tokens()
+        if self.inert(budget):
+            return None
         from pikv_train.cache.policies.flex import flex_attend
 
-        budget = self.budget_tokens(q.shape[2])
         if mask is not None:  # another hook produced a dense mask: AND ours in and use SDPA
             m = self.mask(q, k, ctx, budget)
             return None if m is None else _sdpa(q, k, v, mask & m)
-        return flex_attend(q, k, v, self.mask_mod(q, k, ctx, budget))
+        mm = ctx.scratch.pop("policy_mask_mod", None) if "policy_mask_mod" in ctx.scratch else self.mask_mod(q, k, ctx, budget)
+        return flex_attend(q, k, v, mm)
 
     def mask_mod(self, q: Tensor, k: Tensor, ctx: AttentionContext, budget: int):
         """FlexAttention form: ``f(b, h_kv, q_idx, kv_idx) -> bool`` (causality is added by the caller).
@@ -129,15 +173,13 @@ class CachePolicy(AttentionHook):
         return lambda b, h, qi, ki: m[b if m.shape[0] > 1 else 0, h if m.shape[1] > 1 else 0, qi, ki]
 
     @torch.no_grad()
-    def log_stats(self, ctx: AttentionContext, m: Tensor | None, budget: int, k: Tensor) -> None:
+    def log_stats(self, ctx: AttentionContext, vis: Tensor | None, budget: int, k: Tensor) -> None:
         """cache/kept_fraction, budget_use (mean and worst kv-head), evictions, bytes_stored (averaged
-        over layers, bytes summed over layers), per sequence."""
+        over layers, bytes summed over layers), per sequence. ``vis`` (B, H_kv, T): keys each row reads
+        (None: all causal keys)."""
         b, hkv, t, hd = k.shape
         causal_n = torch.arange(1, t + 1, device=k.device, dtype=torch.float32)
-        if m is None:
-            vis = causal_n.expand(b, hkv, t)
-        else:
-            vis = m.expand(b, hkv, t, t).sum(-1).float()  # (B, H_kv, T)
+        vis = causal_n.expand(b, hkv, t) if vis is None else vis.float()
         full = vis[..., min(budget, t) - 1:]
         per_head_use = (full / budget).mean((0, 2))  # (H_kv,)
         last = vis[..., -1] if self.evicts else causal_n[-1].expand(b, hkv)
@@ -162,13 +204,33 @@ class CachePolicy(AttentionHook):
     def new_cache(self, n_layer: int, seq_len: int | None = None, sharding=None) -> "PolicyCache":
         """The inference cache driven by this policy (``generate(..., cache_factory=policy.new_cache)``);
         with ``sharding`` (an :class:`~pikv_train.cache.sharding.ExpertShardedKV`) queries read through the
-        expert-sharded rule as well (``Decoder.new_cache`` passes the model's)."""
-        cache = self.cache_cls(self, n_layer, self.budget_tokens(seq_len or self.seq_len))
+        expert-sharded rule as well (``Decoder.new_cache`` passes the model's).
+
+        Args:
+            seq_len: reference length of a fractional budget (default: the policy's fixed reference length).
+        """
+        cache = self.cache_cls(self, n_layer, self.budget_tokens(seq_len))
+        cache.ref_len = seq_len or self.reference_len
         if sharding is not None:
             cache.set_sharding(sharding)
         return cache
 
     cache_cls: type = None  # set by subclasses
+
+
+@torch.no_grad()
+def counts_from_mask_mod(mask_mod, b: int, hkv: int, t: int, device, block: int = 256) -> Tensor:
+    """(B, H_kv, T) keys each row reads under ``causal ∧ mask_mod``, evaluated in row blocks (the CUDA
+    path's statistics without a dense (T, T) mask per head)."""
+    bi = torch.arange(b, device=device)[:, None, None, None]
+    hi = torch.arange(hkv, device=device)[None, :, None, None]
+    ki = torch.arange(t, device=device)[None, None, None, :]
+    out = []
+    for r0 in range(0, t, block):
+        qi = torch.arange(r0, min(t, r0 + block), device=device)[None, None, :, None]
+        m = (ki <= qi) & mask_mod(bi, hi, qi, ki)
+        out.append(m.expand(b, hkv, -1, t).sum(-1))
+    return torch.cat(out, -1)
 
 
 def _sdpa(q, k, v, mask):
@@ -184,20 +246,36 @@ class PolicyCache(KVCache):
     hands each (b, h) the stored keys followed by the new ones; the policy's ``_step`` returns which of
     them each new query reads and which stay stored. The returned tensors are padded to the longest
     head for SDPA (padding is masked and not stored).
+
+    With expert sharding (``set_sharding``) each key is still stored once, with its shard membership
+    (and, for ``by_score``, each head keeps running per-shard key sums); a query reads the policy's kept
+    keys that the sharding rule shows it (SPEC §3), i.e. exactly the ANDed training mask. Policies that
+    decide from attention (H2O, LRU, LRU+) compute it over those keys (``self.allow``), as the training
+    pass does under ``ctx.prior_mask``.
     """
+
+    _shared_attrs = ("policy", "sharding")
 
     def __init__(self, policy: CachePolicy, n_layer: int, budget: int):
         super().__init__(n_layer)
         self.policy, self.budget = policy, budget
+        self.ref_len: int | None = policy.reference_len
         self.store: list[list[list[dict]] | None] = [None] * n_layer
+        self.sharding = None
+        self._routing: dict = {}
+        self.allow: list | None = None  # per kv-head (Tr, S) sharding visibility of the current step
 
     def __len__(self) -> int:
         return 0 if self.store[0] is None else max(len(s["pos"]) for row in self.store[0] for s in row)
 
     def bytes_stored(self) -> int:
-        return sum(
-            s["k"].numel() * s["k"].element_size() + s["v"].numel() * s["v"].element_size()
-            for layer in self.store if layer is not None for row in layer for s in row
+        """Every tensor the cache holds: keys, values, positions, shard membership and sums, policy state."""
+        return tensor_bytes(self.store) + tensor_bytes(self.extra)
+
+    def rollback(self, keep_until: Tensor) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot roll back by hiding positions (its eviction decisions depend on the "
+            "discarded tokens); take cache.snapshot() before the speculative tokens and cache.restore() it"
         )
 
     def head_lengths(self, layer_idx: int) -> Tensor:
@@ -208,11 +286,57 @@ class PolicyCache(KVCache):
         hd = k.shape[-1]
         return {"k": k.new_zeros(0, hd), "v": k.new_zeros(0, hd), "pos": torch.zeros(0, dtype=torch.long, device=k.device)}
 
+    # -------------------------------------------------------------- sharding
+    def set_sharding(self, sharding) -> None:
+        """Read through expert-sharded placement (an :class:`~pikv_train.cache.sharding.ExpertShardedKV`)."""
+        self.sharding = sharding
+
+    def record_routing(self, layer_idx: int, routing) -> None:
+        """Called by the decoder after MoE layer ``layer_idx`` with the routing of the current tokens."""
+        self._routing[layer_idx] = routing
+
+    def _shard_member(self, layer_idx: int, b: int, tq: int) -> Tensor | None:
+        """(B, Tq, n_shards) bool membership of the new tokens at this layer (None: layer not sharded)."""
+        if self.sharding is None:
+            return None
+        prev = self._routing.get(layer_idx - 1)
+        if prev is None:
+            return None
+        from pikv_train.cache.sharding import shard_membership
+
+        return shard_membership(prev.ids, prev.valid, self.sharding.n_shards).view(b, tq, -1)
+
+    def _shard_allow(self, st: dict, qg: Tensor, k_new: Tensor, mem_new: Tensor, p_new: Tensor,
+                     p_all: Tensor) -> Tensor:
+        """(Tr, S) sharding visibility of one (sequence, kv-head): updates the stored membership and the
+        by_score running sums. qg (Tr, hd) group-summed queries, k_new (Tr, hd), mem_new (Tr, n_shards)."""
+        from pikv_train.cache.sharding import shard_visibility, top_shards
+
+        sh = self.sharding
+        if sh.cfg.read_mode == "by_routing":
+            reads = mem_new
+        else:
+            mf = mem_new.float()
+            if "ksum" not in st:
+                st["ksum"] = k_new.new_zeros(sh.n_shards, k_new.shape[-1], dtype=torch.float32)
+                st["kcnt"] = torch.zeros(sh.n_shards, dtype=torch.long, device=k_new.device)
+            key_sum = st["ksum"][None] + torch.einsum("ts,td->tsd", mf, k_new.float()).cumsum(0)  # (Tr, S, hd)
+            key_cnt = st["kcnt"][None] + mem_new.long().cumsum(0)  # (Tr, S)
+            mean = key_sum / key_cnt.clamp_min(1)[..., None].float()
+            sc = torch.einsum("td,tsd->ts", qg.float(), mean).masked_fill(key_cnt == 0, float("-inf"))
+            reads = top_shards(sc, sh.n_read)
+            st["ksum"], st["kcnt"] = key_sum[-1], key_cnt[-1]
+        mem_all = torch.cat([st["mem"], mem_new]) if "mem" in st else mem_new
+        st["mem_all"] = mem_all
+        return shard_visibility(p_new, p_all, mem_all, reads, sh.cfg.n_sink, sh.cfg.window)
+
+    # ---------------------------------------------------------------- update
     def update(self, layer_idx, q, k, v, q_pos):
         b, hkv, tq, hd = k.shape
         g = q.shape[1] // hkv
         if self.store[layer_idx] is None:
             self.store[layer_idx] = [[self.new_state(layer_idx, h, k) for h in range(hkv)] for _ in range(b)]
+        member = self._shard_member(layer_idx, b, tq)
         keys, vals, masks = [], [], []
         for bi in range(b):
             real = q_pos[bi] >= 0
@@ -222,18 +346,26 @@ class PolicyCache(KVCache):
             v_all = [torch.cat([s["v"], v[bi, h][real]]) for h, s in enumerate(sts)]
             p_all = [torch.cat([s["pos"], q_pos[bi][real]]) for s in sts]
             qb = q[bi].view(hkv, g, tq, hd)[:, :, real]  # (H_kv, g, Tr, hd)
+            self.allow = None
+            if member is not None:
+                self.allow = [self._shard_allow(s, qb[h].float().sum(0), k[bi, h][real], member[bi][real],
+                                                q_pos[bi][real], p_all[h]) for h, s in enumerate(sts)]
             rows, keeps = self._step_b(layer_idx, sts, qb, k_all, p_all, n_old)
             for h, s in enumerate(sts):
+                r_h = rows[h] if self.allow is None else rows[h] & self.allow[h]
                 s["k"], s["v"], s["pos"] = k_all[h][keeps[h]], v_all[h][keeps[h]], p_all[h][keeps[h]]
+                if member is not None:
+                    s["mem"] = s.pop("mem_all")[keeps[h]]
                 # Padded queries (position -1) read only their own (unstored) slot.
                 pad_rows = (~real).nonzero().flatten()
                 n_all = len(p_all[h])
                 m = torch.zeros(tq, n_all + len(pad_rows), dtype=torch.bool, device=k.device)
-                m[real, :n_all] = rows[h]
+                m[real, :n_all] = r_h
                 m[pad_rows, n_all + torch.arange(len(pad_rows), device=k.device)] = True
                 keys.append(torch.cat([k_all[h], k[bi, h][~real]]))
                 vals.append(torch.cat([v_all[h], v[bi, h][~real]]))
                 masks.append(m)
+        self.allow = None
         s_max = max(x.shape[0] for x in keys)
         pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, s_max - x.shape[0]))  # noqa: E731
         kk = torch.stack([pad(x) for x in keys]).view(b, hkv, s_max, hd)
@@ -245,6 +377,7 @@ class PolicyCache(KVCache):
         """One sequence, all kv-heads: default runs ``_step`` per head."""
         rows, keeps = [], []
         for h, st in enumerate(states):
+            self._head = h
             r, kp = self._step(layer_idx, h, st, qb[h], k_all[h], p_all[h], n_old[h])
             rows.append(r)
             keeps.append(kp)
@@ -256,3 +389,16 @@ class PolicyCache(KVCache):
         Returns (Tr, S) bool visibility and (S,) bool keep-after-step.
         """
         raise NotImplementedError
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor reachable from ``obj`` (dicts, lists, tuples, objects' attributes)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        return sum(tensor_bytes(v) for k, v in vars(obj).items() if k != "policy")
+    return 0

@@ -46,9 +46,10 @@ class DuoAttentionScheduler(CachePolicy):
     """Learnable per-kv-head retrieval/streaming gates with an L1 penalty."""
 
     cache_cls = DuoAttentionCache
+    skips_when_budget_covers = False  # the gates and their L1 penalty still train (warned about below)
 
     def __init__(self, cfg=None, model_cfg=None, **overrides):
-        super().__init__(cfg, **overrides)
+        super().__init__(cfg, model_cfg, **overrides)
         if model_cfg is None:
             raise ConfigError(
                 "duo_attention needs the model config for its per-head gates: build it with "
@@ -87,7 +88,7 @@ class DuoAttentionScheduler(CachePolicy):
     def training_mask(self, q, k, ctx):
         m = super().training_mask(q, k, ctx)
         t = q.shape[2]
-        if self.training and not self._hard() and self.budget_tokens(t) >= t and not getattr(self, "_warned", False):
+        if self.training and not self._hard() and self.budget_tokens() >= t and not getattr(self, "_warned", False):
             self._warned = True
             warnings.warn(
                 f"duo_attention: cache.budget={self.cfg.budget} covers the whole {t}-token sequence, so streaming "
@@ -112,7 +113,7 @@ class DuoAttentionScheduler(CachePolicy):
         if self._hard():
             return super().attend(q, k, v, mask, ctx)
         t = q.shape[2]
-        budget = self.budget_tokens(t)
+        budget = self.budget_tokens()
         g = self.gate_values()[ctx.layer_idx].to(q.dtype)  # (H_kv,)
         group = q.shape[1] // k.shape[1]
         if self._flex(q) and mask is None:

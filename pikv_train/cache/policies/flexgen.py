@@ -76,6 +76,32 @@ class FlexGenCache(KVCache):
         self.device_part: list[dict | None] = [None] * n_layer
         self.host_part: list[dict | None] = [None] * n_layer
         self._own: Tensor | None = None
+        self.sharding = None
+        self._routing: dict = {}
+        self.shard_state: list[dict] = [{} for _ in range(n_layer)]  # membership (B, S, n_shards), by_score sums
+
+    _shared_attrs = ("policy", "sharding")
+
+    def set_sharding(self, sharding) -> None:
+        """Read through expert-sharded placement (each key stored once, with its shard membership)."""
+        self.sharding = sharding
+
+    def record_routing(self, layer_idx: int, routing) -> None:
+        self._routing[layer_idx] = routing
+
+    def _shard_allow(self, layer_idx, q, k, q_pos, kp) -> Tensor | None:
+        """(B, 1 | H_kv, Tq, S) sharding visibility of the new queries over every stored key, or None."""
+        prev = self._routing.get(layer_idx - 1) if self.sharding is not None else None
+        if prev is None:
+            return None
+        from pikv_train.cache.sharding import batched_reads, shard_membership, shard_visibility
+
+        sh, st = self.sharding, self.shard_state[layer_idx]
+        b, _, tq, _ = k.shape
+        member = shard_membership(prev.ids, prev.valid, sh.n_shards).view(b, tq, -1) & (q_pos >= 0)[..., None]
+        st["mem"] = member if "mem" not in st else torch.cat([st["mem"], member], 1)
+        reads = batched_reads(sh, q, k, member, st)
+        return shard_visibility(q_pos[:, None], kp[:, None], st["mem"][:, None], reads, sh.cfg.n_sink, sh.cfg.window)
 
     def __len__(self) -> int:
         return sum(0 if p[0] is None else p[0]["pos"].shape[1] for p in (self.device_part, self.host_part))
@@ -94,7 +120,12 @@ class FlexGenCache(KVCache):
         return sum(self._nbytes(p) for p in self.host_part)
 
     def bytes_stored(self) -> int:
-        return self.bytes_on_device() + self.bytes_on_host()
+        """Keys and values (codes, mins, scales when quantized), positions and shard state, both memories."""
+        pos = sum(p["pos"].numel() * p["pos"].element_size() for parts in (self.device_part, self.host_part)
+                  for p in parts if p is not None)
+        from pikv_train.cache.policies.base import tensor_bytes
+
+        return self.bytes_on_device() + self.bytes_on_host() + pos + tensor_bytes(self.shard_state) + tensor_bytes(self.extra)
 
     # -- storage helpers: every tensor has its token axis at dim 2 (positions: dim 1)
     def _pack(self, k: Tensor, v: Tensor, pos: Tensor) -> dict:
@@ -133,10 +164,15 @@ class FlexGenCache(KVCache):
         if self.bits:  # earlier tokens dequantized, the query's own key/value exact: keys [Q(all) ; new]
             past = (kp[:, None, None, :] >= 0) & (kp[:, None, None, :] < q_pos[:, None, :, None])
             keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
-            mask = torch.cat([past, eye], -1)
-            self._own = torch.cat([torch.zeros_like(past), eye], -1)
+            allow = self._shard_allow(layer_idx, q, k, q_pos, kp)
+            past = past if allow is None else past & allow
+            mask = torch.cat([past, eye.expand(-1, past.shape[1], -1, -1)], -1)
+            self._own = torch.cat([torch.zeros_like(past), eye.expand(-1, past.shape[1], -1, -1)], -1)
         else:
             mask = causal_position_mask(q_pos, kp)
+            allow = self._shard_allow(layer_idx, q, k, q_pos, kp)
+            if allow is not None:
+                mask = mask & allow | (q_pos < 0)[:, None, :, None] & mask  # padded queries keep their one slot
             self._own = (kp[:, None, None, :] == q_pos[:, None, :, None]) & (q_pos >= 0)[:, None, :, None]
         over = dev["pos"].shape[1] - self.budget
         if over > 0:  # move the oldest device tokens to the host
@@ -168,6 +204,7 @@ class FlexGenScheduler(CachePolicy):
     """Device/host placement of the KV cache, optional 4-bit KV compression and sparse values."""
 
     evicts = False
+    skips_when_budget_covers = False  # the budget places memory; compression and sparsity still apply
     cache_cls = FlexGenCache
 
     def mask(self, q, k, ctx, budget):

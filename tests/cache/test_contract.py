@@ -1,0 +1,112 @@
+"""SPEC §7, train exactly what you deploy: for every configuration, token-by-token decoding with the deployed
+cache (``Decoder.new_cache()``) equals the parallel training forward (<= 1e-4 relative, fp32) on a model with
+peaky attention.
+
+The grid is sampled, not full: every value of every axis appears, every (policy, budget) pair appears, and
+the chunk-sequential policies (whose decisions depend on attention) meet every chunk size at every evicting
+budget. Adding an axis is one line in ``AXES`` plus, if the value needs wiring, one line in ``_build``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from helpers import decode_tokenwise
+
+from pikv_train.cache import CacheConfig, build_policy
+from pikv_train.cache.sharding import ShardingConfig, build_sharding
+from pikv_train.models import Decoder, ModelConfig
+from pikv_train.models.config import MoEConfig
+from pikv_train.routing import RouterConfig
+
+T = 48  # also the budgets' reference length: chunk 4 divides it, chunk 5 does not
+PREFILL = 7
+AXES = {
+    "policy": ["full", "streaming_llm", "h2o", "quest", "flexgen", "lru", "lru_plus", "ada_kv", "duo_attention"],
+    "budget": [0.25, 0.5, 1.0],
+    "chunk": [1, 4, 5],
+    "sharding": ["off", "by_routing", "by_score"],
+    "kv_bits": [0, 4],
+    "router": ["topk_balanced", "eplb", "adaptive", "pikv", "hierarchical"],
+}
+CHUNKED = {"h2o", "lru", "lru_plus", "ada_kv"}  # decisions depend on attention and on the chunk size
+
+
+def _cases() -> list[dict]:
+    """The sampled grid: each (policy, budget) once (every chunk size for the chunked policies at an evicting
+    budget); the other axes advance one step per case, so all their values appear in every few cases."""
+    cycles = {a: itertools.cycle(v) for a, v in AXES.items() if a not in ("policy", "budget", "chunk")}
+    chunk_cycle = itertools.cycle(AXES["chunk"])
+    out = []
+    for policy in AXES["policy"]:
+        for budget in AXES["budget"]:
+            chunks = AXES["chunk"] if policy in CHUNKED and budget < 1 else [next(chunk_cycle)]
+            for chunk in chunks:
+                case = dict(policy=policy, budget=budget, chunk=chunk, **{a: next(c) for a, c in cycles.items()})
+                if policy == "flexgen":  # kv_bits is FlexGen's knob: both values at evicting budgets
+                    case["kv_bits"] = 4 if budget != 0.5 else 0
+                out.append(case)
+    return out
+
+
+CASES = _cases()
+
+
+def test_the_sampled_grid_covers_every_value_of_every_axis():
+    for axis, values in AXES.items():
+        assert {c[axis] for c in CASES} == set(values), axis
+    for policy in CHUNKED:
+        for budget in (0.25, 0.5):
+            assert {c["chunk"] for c in CASES if c["policy"] == policy and c["budget"] == budget} == set(AXES["chunk"])
+
+
+def _build(case: dict) -> Decoder:
+    torch.manual_seed(0)
+    router = RouterConfig(name=case["router"], top_k=2, k_min=1, n_groups=2, topk_groups=1, p_threshold=0.5)
+    cfg = ModelConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=32, max_seq_len=T,
+                      moe=MoEConfig(n_experts=4, d_expert=32, router=router))
+    model = Decoder(cfg)
+    with torch.no_grad():  # peaky attention: large q/k (most rows put > 0.5 of their mass on one key)
+        for blk in model.blocks:
+            blk.attn.q_proj.weight.mul_(20.0)
+            blk.attn.kv_proj.weight[: cfg.n_kv_head * cfg.head_dim].mul_(20.0)
+    if case["sharding"] != "off":
+        model.set_kv_sharding(build_sharding(
+            ShardingConfig(enabled=True, read_mode=case["sharding"], n_sink=1, window=3, read_shards=1), cfg))
+    if case["policy"] != "full":
+        pol = build_policy(CacheConfig(
+            policy=case["policy"], budget=case["budget"], chunk_size=case["chunk"], n_sink=2, page_size=4,
+            quest_dense_layers=1, snap_window=6, snap_kernel=3, kv_bits=case["kv_bits"], kv_group_size=8,
+            attn_sparsity=0.5 if case["policy"] == "flexgen" and case["budget"] == 0.5 else 1.0,
+        ), cfg)
+        if case["policy"] == "duo_attention":
+            with torch.no_grad():
+                pol.gates.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.7]]))  # retrieval and streaming heads
+        model.set_cache_policy(pol)
+    return model.eval()
+
+
+def _id(case):
+    return "-".join(str(case[a]) for a in AXES)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_decoding_with_the_deployed_cache_equals_the_training_forward(case):
+    model = _build(case)
+    x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # budget 1.0 warns that the policy is skipped
+        train = model.logits(model(x).hidden)
+        dec = decode_tokenwise(model, model.new_cache(), x, PREFILL)
+    scale = float(train.abs().max())
+    torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
+    lossy = case["policy"] not in ("full", "flexgen") or case["kv_bits"] or case["budget"] == 0.5
+    if case["budget"] < 1 and lossy:  # the cache really changes what is computed here
+        model.set_cache_policy(None)
+        model.set_kv_sharding(None)
+        with torch.no_grad():
+            assert float((model.logits(model(x).hidden) - train).abs().max()) > 1e-3 * scale
