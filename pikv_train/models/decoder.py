@@ -100,7 +100,10 @@ class Decoder(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def set_cache_policy(self, policy: AttentionHook | None) -> None:
-        """Train / evaluate under a cache scheduling policy hook (None = full attention)."""
+        """Train / evaluate under a cache scheduling policy hook (None = full attention). A policy whose
+        fractional budget has no fixed reference length yet takes the model's ``max_seq_len``."""
+        if policy is not None and hasattr(policy, "bind"):
+            policy.bind(self.cfg)
         self.cache_policy = policy
 
     def set_kv_sharding(self, sharding: AttentionHook | None) -> None:
