@@ -3,10 +3,18 @@
 Per round, the student proposes ``gamma`` tokens (sampled one by one with its cache); the teacher scores
 the whole block in one forward with its cache; proposals are accepted left to right while each lies in
 the teacher's top-K of its *untruncated* distribution at that position; at the first rejection the
-teacher samples the replacement token and the remaining proposals are discarded (both caches roll back).
-If all gamma proposals are accepted no extra teacher token is added. Rounds repeat until each row has
-``max_new_tokens`` tokens or emitted EOS. K = V accepts everything (on-policy KD); K = 1 keeps only
-student tokens that are the teacher's top-1.
+teacher samples the replacement token and the remaining proposals are discarded. If all gamma proposals
+are accepted no extra teacher token is added. Rounds repeat until each row has ``max_new_tokens`` tokens
+or emitted EOS. K = V accepts everything (on-policy KD); K = 1 keeps only student tokens that are the
+teacher's top-1.
+
+Caches: the student proposes with its deployed cache (``student.new_cache()``: the cache policy and KV
+sharding it trains under, SPEC §7). An evicting policy cache cannot undo a rejected proposal by hiding
+positions (the keys it evicted to make room are gone), so the student's cache is snapshotted before each
+round and, when some row rejected, restored and fed the accepted tokens in one forward (exact: every
+cache processes a multi-token update as it would token by token; rows with fewer accepted tokens are
+padded with position -1). The teacher keeps its own cache (a plain :class:`KVCache` for a pikv_train
+teacher) and rolls rejected positions back.
 
 Invariant between rounds: both caches hold every accepted token except the last one (``cur``), whose
 next-token logits are computed at the start of the next round.
@@ -19,8 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pikv_train.cache.kv_cache import KVCache
-from pikv_train.models.generation import left_pad, sample_next
+from pikv_train.models.generation import default_cache, left_pad, sample_next
 
 
 @dataclass
@@ -63,8 +70,8 @@ def speculative_kd_sample(
     s_mode, t_mode = student.training, teacher.training
     student.eval(), teacher.eval()
     ids, pos = left_pad(prompts, pad_id)
-    b = ids.shape[0]
-    s_cache, t_cache = KVCache(student.cfg.n_layer), KVCache(teacher.cfg.n_layer)
+    b, dev = ids.shape[0], ids.device
+    s_cache, t_cache = default_cache(student), default_cache(teacher)
     # Prefill everything but the last prompt token, which becomes `cur`.
     if ids.shape[1] > 1:
         student(ids[:, :-1], positions=pos[:, :-1], cache=s_cache)
@@ -75,6 +82,7 @@ def speculative_kd_sample(
     proposed = accepted = replaced = 0
     g = cfg.gamma
     while not bool(done.all()):
+        snap = s_cache.snapshot()
         # 1. Student proposes gamma tokens autoregressively.
         props, feed, feed_pos = [], cur, cur_pos
         for j in range(g):
@@ -85,7 +93,7 @@ def speculative_kd_sample(
         props = torch.stack(props, 1)  # (B, gamma)
         # 2. Teacher scores [cur, p1 .. p_{gamma-1}] in one forward: logits predicting p1 .. p_gamma.
         block = torch.cat([cur[:, None], props[:, :-1]], 1)
-        block_pos = cur_pos[:, None] + torch.arange(g)[None]
+        block_pos = cur_pos[:, None] + torch.arange(g, device=dev)[None]
         t_logits = teacher.logits(teacher(block, positions=block_pos, cache=t_cache).hidden).float()  # (B, g, V)
         # 3. Accept left to right while the proposal is in the teacher's top-K.
         k = min(cfg.top_k, t_logits.shape[-1])
@@ -97,7 +105,7 @@ def speculative_kd_sample(
         repl = props[:, -1]
         if bool((n_acc < g).any()):
             rej = n_acc.clamp(max=g - 1)
-            repl = sample_next(t_logits[torch.arange(b), rej], cfg.teacher_temperature, generator=generator)
+            repl = sample_next(t_logits[torch.arange(b, device=dev), rej], cfg.teacher_temperature, generator=generator)
         new_cur = torch.where(n_acc < g, repl, props[:, -1])
         for i in range(b):
             if done[i]:
@@ -115,10 +123,19 @@ def speculative_kd_sample(
             out[i] += toks
             if len(out[i]) >= max_new_tokens or (eos_id is not None and toks and toks[-1] == eos_id):
                 done[i] = True
-        # 5. Roll caches back to the last accepted token before the new `cur`.
-        keep = cur_pos + torch.where(n_acc < g, n_acc, torch.full_like(n_acc, g - 1))
-        s_cache.rollback(keep)
+        # 5. Caches keep [.., cur, p1 .. p_m] (m = accepted, at most g - 1): the tokens before the new `cur`.
+        n_keep = torch.where(n_acc < g, n_acc, torch.full_like(n_acc, g - 1))  # (B,) m
+        keep = cur_pos + n_keep
         t_cache.rollback(keep)
+        if bool((n_acc < g).any()):
+            # The student's cache holds [cur, p1 .. p_{g-1}]: back to the round's start, then re-feed
+            # [cur, p1 .. p_m] per row in one forward (shorter rows padded with position -1).
+            s_cache.restore(snap)
+            width = int(n_keep.max()) + 1
+            steps = torch.arange(width, device=dev)[None]
+            refeed = torch.cat([cur[:, None], props[:, : width - 1]], 1)  # (B, width)
+            refeed_pos = torch.where(steps <= n_keep[:, None], cur_pos[:, None] + steps, torch.full_like(steps, -1))
+            student(refeed, positions=refeed_pos, cache=s_cache)
         cur, cur_pos = new_cur, keep + 1
     student.train(s_mode), teacher.train(t_mode)
     return SKDResult([torch.tensor(o, dtype=torch.long) for o in out], proposed, accepted, replaced)

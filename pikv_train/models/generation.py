@@ -1,5 +1,7 @@
 """Batched sampling with a KV cache object (temperature, top-k, top-p).
 
+By default the cache is the model's deployed cache (``model.new_cache()``: its cache policy, KV sharding
+and compression composed, SPEC §7), so a student samples with the attention it was trained under.
 Prompts of different lengths are left-padded; padded slots get position -1 so the cache masks them
 and RoPE positions of every row start at 0.
 """
@@ -65,6 +67,13 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def default_cache(model) -> KVCache:
+    """The cache ``model`` is deployed with (``model.new_cache()``); a plain :class:`KVCache` for models
+    without that method."""
+    make = getattr(model, "new_cache", None)
+    return make() if make is not None else KVCache(model.cfg.n_layer)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -76,7 +85,7 @@ def generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     pad_id: int = 0,
-    cache_factory: Callable[[int], KVCache] = KVCache,
+    cache_factory: Callable[[int], KVCache] | None = None,
     generator: torch.Generator | None = None,
 ) -> Generation:
     """Sample continuations for a batch of prompts with one cache shared by the batch.
@@ -85,7 +94,9 @@ def generate(
         model: a :class:`~pikv_train.models.decoder.Decoder`.
         prompts: list of 1-D id tensors (any lengths), or a (B, P) tensor of equal-length prompts.
         max_new_tokens: tokens to sample per row (rows that emit ``eos_id`` stop early and are padded).
-        cache_factory: builds the cache from the number of layers (a scheduling policy's cache here).
+        cache_factory: builds the cache from the number of layers (e.g. ``KVCache`` for full attention, or
+            ``policy.new_cache``). None (the default) decodes with the model's deployed cache,
+            ``model.new_cache()`` (a plain :class:`KVCache` for a model without policy or sharding).
     """
     if isinstance(prompts, Tensor):
         prompts = list(prompts)
@@ -98,7 +109,7 @@ def generate(
         )
     was_training = model.training
     model.eval()
-    cache = cache_factory(model.cfg.n_layer)
+    cache = default_cache(model) if cache_factory is None else cache_factory(model.cfg.n_layer)
     out = model(ids, positions=pos, cache=cache)
     next_pos = pos.max(1).values + 1  # (B,)
     logits = model.logits(out.hidden[:, -1])

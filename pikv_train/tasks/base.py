@@ -294,7 +294,8 @@ class TaskBase(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         """Greedy continuations: for prompt data the batch's prompts, for packed data each sequence's first
-        half. Returns one {"prompt", "completion"} dict of decoded text per row."""
+        half, decoded with the student's deployed cache (``new_cache()``: its cache policy and KV sharding,
+        as trained). Returns one {"prompt", "completion"} dict of decoded text per row."""
         from pikv_train.models.generation import generate
 
         tok = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)

@@ -3,6 +3,10 @@
 Each function takes the :class:`~pikv_train.tasks.distill.DistillationTask` and the data batch (prompts
 mode: right-padded prompt + reference response, with the raw ``prompts`` list) and returns the batch
 to train on (or the loss, for DistiLLM-2) plus ``kd/`` metrics.
+
+Every student generation decodes with the student's deployed cache (``student.new_cache()``: the cache
+policy and KV sharding it trains under, SPEC §7), so on-policy data is what the deployed student samples;
+the teacher decodes with its own cache (a plain KV cache for a pikv_train teacher).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def _progress(task) -> float:
 
 
 def distillm_batch(task, batch) -> tuple[dict, dict]:
-    """DistiLLM source choice: fresh student generations, a replay batch, or the dataset batch."""
+    """DistiLLM source choice: fresh student generations (with the student's deployed cache), a replay
+    batch, or the dataset batch."""
     cfg = task.distillm_cfg
     source = task.schedule.choose(task.rng.random(), _progress(task), task.replay.full)
     eos, pad = _tokenizer_ids(task)
@@ -79,7 +84,8 @@ def distillm_batch(task, batch) -> tuple[dict, dict]:
 
 def distillm2_loss(task, batch):
     """DistiLLM-2 pair loss: (2 - beta) * SKL on teacher responses + beta * SRKL (detached mixture) on
-    student responses, each sequence-mean. Responses come from data columns or are generated online."""
+    student responses, each sequence-mean. Responses come from data columns or are generated online, each
+    model with its own deployed cache (the student's policy and sharding; the teacher's plain cache)."""
     cfg = task.distillm2_cfg
     eos, pad = _tokenizer_ids(task)
     prompts = [p.cpu() for p in batch["prompts"]]
@@ -112,7 +118,8 @@ def distillm2_loss(task, batch):
 
 
 def skd_batch(task, batch) -> tuple[dict, dict]:
-    """Speculative KD: interleaved student proposals / teacher corrections become the training batch."""
+    """Speculative KD: interleaved student proposals (decoded with the student's deployed cache) / teacher
+    corrections become the training batch."""
     cfg = task.skd_cfg
     eos, pad = _tokenizer_ids(task)
     prompts = [p.to(task.device) for p in batch["prompts"]]

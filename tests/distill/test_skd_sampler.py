@@ -68,3 +68,18 @@ def test_eos_stops_a_row():
         m.logits = lambda h: torch.nn.functional.one_hot(torch.full(h.shape[:-1], 256), 258).float() * 30
     res = speculative_kd_sample(student, teacher, _prompts(), SKDConfig(gamma=3, top_k=5), 9, eos_id=256)
     assert [r.tolist() for r in res.responses] == [[256]] * 3
+
+
+def test_k_equal_vocab_with_a_cache_policy_equals_sampling_with_the_deployed_cache():
+    # The student proposes with its deployed (evicting) cache, the one generate() uses by default, and
+    # K = V still consumes exactly the random draws of plain sampling (no restore is ever needed).
+    from pikv_train.cache import CacheConfig, build_policy
+
+    student, teacher = _pair()
+    student.set_cache_policy(build_policy(CacheConfig(policy="streaming_llm", budget=6, n_sink=2), student.cfg))
+    res = speculative_kd_sample(student, teacher, _prompts(), SKDConfig(gamma=4, top_k=258), 13,
+                                generator=torch.Generator().manual_seed(3))
+    assert res.acceptance_rate == 1.0
+    ref = generate(student, _prompts(), 13, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    for i, r in enumerate(res.responses):
+        assert torch.equal(r, ref.tokens[i, ref.prompt_len :]), i
