@@ -8,14 +8,34 @@ the same logits when decoding token by token (tests/cache/test_contract.py).
 
 from __future__ import annotations
 
+import torch
+
 from pikv_train.cache.kv_cache import KVCache
+from pikv_train.cache.policies.base import PolicyCache
+
+
+class ShardedFullCache(PolicyCache):
+    """Expert sharding without a cache policy: every key stored once per (sequence, kv-head) with its shard
+    membership, each query reading only its shards (+ sinks and window), as the training mask. Unlike
+    :class:`~pikv_train.cache.sharded_cache.ShardedKVCache` (one copy per shard, the physical layout for
+    expert-parallel placement) it stores a key's bytes once, plus one bool membership flag per shard."""
+
+    def __init__(self, sharding, n_layer: int):
+        KVCache.__init__(self, n_layer)
+        self.policy, self.budget, self.ref_len = None, None, None
+        self.store = [None] * n_layer
+        self.sharding, self._routing, self.allow = sharding, {}, None
+
+    def _step(self, layer_idx, h, st, q, k_all, p_all, n_old):
+        t = p_all[n_old:]
+        return p_all[None] <= t[:, None], torch.ones_like(p_all, dtype=torch.bool)
 
 
 def deployed_cache(model, seq_len: int | None = None) -> KVCache:
     """The inference cache of ``model`` (a :class:`~pikv_train.models.decoder.Decoder`) as configured:
 
     * no policy, no sharding: a plain :class:`KVCache`;
-    * sharding alone: :class:`~pikv_train.cache.sharded_cache.ShardedKVCache`;
+    * sharding alone: :class:`ShardedFullCache` (each key stored once, with its shard membership);
     * a policy (with or without sharding): the policy's cache, reading through the sharding rule when
       sharding is on (each key stored once, with its shard membership).
     """
@@ -24,5 +44,5 @@ def deployed_cache(model, seq_len: int | None = None) -> KVCache:
     if policy is None and sharding is None:
         return KVCache(n_layer)
     if policy is None:
-        return sharding.new_cache(n_layer)
+        return ShardedFullCache(sharding, n_layer)
     return policy.new_cache(n_layer, seq_len, sharding=sharding)

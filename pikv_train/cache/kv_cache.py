@@ -33,8 +33,10 @@ class KVCache:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def bytes_stored(self) -> int:
-        """Bytes held by keys and values over all layers."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        """Bytes of every tensor the cache holds: keys, values, positions and ``extra`` state, all layers."""
+        from pikv_train.cache.policies.base import tensor_bytes
+
+        return tensor_bytes([self.keys, self.values, self.key_pos, self.extra])
 
     _shared_attrs = ("policy",)
     """Attributes that reference shared objects (the policy module) and are not copied by ``snapshot``."""

@@ -215,17 +215,22 @@ class ShardedKVCache(KVCache):
         return self._read_sum / max(self._read_n, 1)
 
     def bytes_stored(self) -> int:
-        """K/V payload bytes of real (non-padding) entries over all layers."""
+        """Every real (non-padding) entry's K/V payload plus its position (int64) and shard membership
+        (one bool per shard), the by_score running sums, and the unsharded layers' positions."""
         full = sum(int((p >= 0).sum()) for i, p in enumerate(self.key_pos) if p is not None and i not in self._stores)
         sharded = sum(s.entries()[0] for s in self._stores.values())
-        return (full + sharded) * self._bytes_per_entry
+        meta = sharded * (8 + self.n_shards) + full * 8
+        sums = sum(s.key_sum.numel() * s.key_sum.element_size() + s.key_cnt.numel() * s.key_cnt.element_size()
+                   for s in self._stores.values()) if self.cfg.read_mode == "by_score" else 0
+        return (full + sharded) * self._bytes_per_entry + meta + sums
 
     def bytes_allocated(self) -> int:
         """K/V bytes including the padding of ragged per-row shard stores."""
-        return KVCache.bytes_stored(self) + sum(s.entries()[1] for s in self._stores.values()) * self._bytes_per_entry
+        return KVCache.bytes_stored(self) + sum(s.entries()[1] for s in self._stores.values()) * (self._bytes_per_entry + 8 + self.n_shards)
 
     def bytes_per_token(self) -> float:
-        """K/V payload bytes per cached token (all layers); a full cache stores n_layer * 2 * H_kv * hd * elem."""
+        """Bytes per cached token (all layers, payload and metadata); a full cache's payload is
+        n_layer * 2 * H_kv * hd * elem."""
         return self.bytes_stored() / max(self._tokens, 1)
 
     def stats(self) -> dict[str, float]:

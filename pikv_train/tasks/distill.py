@@ -55,7 +55,8 @@ class DistillLossConfig:
     alpha: float = 0.1
     """Skew alpha of SKL / SRKL."""
     router_loss_weight: float = 1.0
-    """Multiplier on the student's (already weighted) router losses."""
+    """Multiplier on the student's (already weighted) router losses; cache penalties (DuoAttention's gate L1,
+    ``cache.duo_l1_weight``) keep their own weight."""
     chunk_size: int = 512
     """Tokens per chunk of the fused LM head + loss."""
 
@@ -258,9 +259,12 @@ class DistillationTask(TaskBase):
             batch, logs = skd_batch(self, batch)
             total, count, parts, out = self.divergence_loss(batch, "fkl", sequence_mean=True)
             outs = [out]
-        # Router losses and hook penalties (e.g. DuoAttention's gate L1), averaged over the student forwards.
-        router_loss = sum(self.log_routing(o) + self.log_hook_stats(o) for o in outs) / len(outs)
-        mean_loss = total.detach() / count.clamp_min(1) + self.loss_cfg.router_loss_weight * router_loss.detach()
+        # Router losses (weighted by router_loss_weight) and hook penalties with their own weights (e.g.
+        # DuoAttention's gate L1, cache.duo_l1_weight), each averaged over the student forwards.
+        router_loss = sum(self.log_routing(o) for o in outs) / len(outs)
+        hook_penalty = sum(self.log_hook_stats(o) for o in outs) / len(outs)
+        per_batch = self.loss_cfg.router_loss_weight * router_loss + hook_penalty
+        mean_loss = total.detach() / count.clamp_min(1) + per_batch.detach()
         self.check_finite({"kd/loss": parts["kd"], "kd/ce": parts["ce"], "router/loss": router_loss.detach()})
         self.log_dict(
             {"train/loss": mean_loss, "kd/loss": parts["kd"], "kd/ce": parts["ce"], "kd/agreement": parts["agreement"],
@@ -268,7 +272,7 @@ class DistillationTask(TaskBase):
             on_step=True,
         )
         self.log("train/kd", parts["kd"], prog_bar=True, on_step=True, logger=False)
-        return self.to_backward(total, count, per_batch=self.loss_cfg.router_loss_weight * router_loss)
+        return self.to_backward(total, count, per_batch=per_batch)
 
     def validation_step(self, batch, batch_idx):
         # Always FKL + CE at validation, whatever the training divergence: comparable across recipes.

@@ -65,7 +65,14 @@ def test_caches_store_only_the_budget():
         else:
             assert lengths.max() <= 12, name
         hd = model.cfg.head_dim
-        assert cache.bytes_stored() == int(lengths.sum()) * 2 * hd * 4  # per-head storage, no fake keys
+        # Per-head storage, no fake keys: K/V (fp32) + an int64 position per stored key, plus the policy's state
+        # (H2O/LRU/LRU+: position, index, three float64 statistics and a keep flag per key; AdaKV: the keep
+        # flags and the observation window's queries).
+        per_key = {"streaming_llm": 2 * hd * 4 + 8, "ada_kv": 2 * hd * 4 + 8 + 1}.get(name, 2 * hd * 4 + 8 + 8 + 8 + 3 * 8 + 1)
+        extra = 0
+        if name == "ada_kv":
+            extra = sum(s["qwin"][0].numel() * 4 + s["qwin"][1].numel() * 8 for layer in cache.store for row in layer for s in row)
+        assert cache.bytes_stored() == int(lengths.sum()) * per_key + extra, name
     model, pol = _model("nano", "flexgen", budget=10)
     cache = pol.new_cache(model.cfg.n_layer)
     _decode(model, cache, x)
@@ -75,7 +82,7 @@ def test_caches_store_only_the_budget():
 
 def test_generate_with_policy_cache_factory_and_batched_padding():
     model, pol = _model("nano", "h2o", budget=0.25, chunk_size=4)
-    model(torch.randint(0, 258, (1, 48)))  # fractional budgets refer to the last training length (48)
+    assert pol.new_cache(model.cfg.n_layer).budget == 16  # fractional budgets refer to max_seq_len (64)
     prompts = [torch.randint(0, 258, (n,)) for n in (5, 9)]
     gen = generate(model, prompts, 20, temperature=0, cache_factory=pol.new_cache)
     assert gen.tokens.shape == (2, 9 + 20) and bool(gen.generated[:, 9:].all())
@@ -145,7 +152,7 @@ def test_other_config_errors():
 def test_task_trains_under_the_policy_from_its_cache_config():
     from pikv_train.tasks import LanguageModelTask
 
-    task = LanguageModelTask(model=ModelConfig.preset("nano-moe"), cache=CacheConfig(policy="h2o", budget=0.5, chunk_size=8))
+    task = LanguageModelTask(model=ModelConfig.preset("nano-moe"), cache=CacheConfig(policy="h2o", budget=0.25, chunk_size=8))
     assert isinstance(task.model.cache_policy, H2OScheduler)
     x = torch.randint(0, 258, (2, 32))
     out = task.model(x)

@@ -118,8 +118,9 @@ def test_sharded_cache_touches_only_read_shards_and_counts_bytes():
     keys, _, mask = cache.update(1, torch.zeros(1, 1, 1, hd), k[:, :, :1], k[:, :, :1], torch.tensor([[4]]))
     assert keys.shape[2] == 2 + 3  # window (truncated after the read) + shard 0 only (tokens 0, 3, 4)
     assert mask.sum().item() == 3  # 4 (window) + 0, 3 from shard 0
-    # Bytes: layer 1 stores 5 shard entries + 1 window entry (layer 0 untouched in this direct test).
-    assert cache.bytes_stored() == 6 * 2 * h * hd * 4
+    # Bytes: layer 1 stores 5 shard entries + 1 window entry (layer 0 untouched in this direct test), each with
+    # its K/V, an int64 position and 2 membership flags.
+    assert cache.bytes_stored() == 6 * (2 * h * hd * 4 + 8 + 2)
 
 
 def test_generate_with_sharded_cache_and_bad_config():

@@ -27,8 +27,8 @@ def resolve_budget(budget: float, seq_len: int | None) -> int:
         return int(budget)
     if seq_len is None:
         raise ConfigError(
-            "a fractional cache.budget needs a reference length: run a forward first, set "
-            "cache.reference_len, pass new_cache(n_layer, seq_len=...), or give the budget in tokens"
+            "a fractional cache.budget needs a fixed reference length: build the policy with the model config "
+            "(or attach it to a model: its max_seq_len), set cache.reference_len, or give the budget in tokens"
         )
     return max(1, int(round(budget * seq_len)))
 

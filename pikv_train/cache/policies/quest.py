@@ -18,6 +18,8 @@ Quest also ranks the partial current page with the others; here it is always rea
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +70,23 @@ class QuestScheduler(CachePolicy):
 
     evicts = False
     cache_cls = QuestCache
+
+    def __init__(self, cfg=None, model_cfg=None, **overrides):
+        super().__init__(cfg, model_cfg, **overrides)
+        if model_cfg is not None:
+            self._check_layers(model_cfg)
+
+    def bind(self, model_cfg) -> None:
+        super().bind(model_cfg)
+        self._check_layers(model_cfg)
+
+    def _check_layers(self, model_cfg) -> None:
+        if model_cfg.n_layer <= self.cfg.quest_dense_layers:
+            warnings.warn(
+                f"cache.policy=quest leaves the first cache.quest_dense_layers={self.cfg.quest_dense_layers} layers "
+                f"dense and the model has {model_cfg.n_layer}, so Quest changes nothing; lower quest_dense_layers",
+                stacklevel=3,
+            )
 
     def page_selection(self, q, k, budget):
         """(B, H_kv, T, nP) bool pages read by each query (earlier top pages + own page)."""

@@ -1,0 +1,131 @@
+"""What the deployed cache holds and reports: snapshot/restore instead of rollback for evicting caches, honest
+bytes, one copy per key under sharding, statistics on the FlexAttention (CUDA) path, settings that would
+silently do nothing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import decode_tokenwise
+
+from pikv_train.cache import CacheConfig, KVCache, build_policy
+from pikv_train.cache.sharding import ShardingConfig, build_sharding
+from pikv_train.models import Decoder, ModelConfig
+from pikv_train.models.config import MoEConfig
+
+T = 32
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _moe(n_layer=3):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32, max_seq_len=T,
+                      moe=MoEConfig(n_experts=4, d_expert=32))
+    model = Decoder(cfg)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.q_proj.weight.mul_(20.0)
+    return model.eval()
+
+
+def test_evicting_cache_refuses_rollback_and_snapshot_restore_is_exact():
+    model = _moe()
+    model.set_cache_policy(build_policy(CacheConfig(policy="h2o", budget=0.25, chunk_size=1), model.cfg))
+    x = torch.randint(0, 258, (2, T))
+    cache = model.new_cache()
+    with torch.no_grad():
+        decode_tokenwise(model, cache, x[:, :12], 12)
+        with pytest.raises(NotImplementedError, match="snapshot"):
+            cache.rollback(torch.tensor([5, 5]))
+        snap = cache.snapshot()
+        pos = torch.arange(12, 20).expand(2, 8)
+        first = model.logits(model(x[:, 12:20], positions=pos, cache=cache).hidden)
+        model(torch.randint(0, 258, (2, 8)), positions=pos, cache=cache)  # a rejected speculative block
+        cache.restore(snap)
+        again = model.logits(model(x[:, 12:20], positions=pos, cache=cache).hidden)
+    assert torch.equal(first, again)
+    assert cache.policy is model.cache_policy  # the policy is shared, not copied
+
+
+def test_bytes_stored_counts_positions_and_policy_state():
+    model = _moe()
+    x = torch.randint(0, 258, (1, T))
+    plain = KVCache(model.cfg.n_layer)
+    with torch.no_grad():
+        decode_tokenwise(model, plain, x, 4)
+    kv = model.cfg.n_layer * T * 2 * model.cfg.n_kv_head * model.cfg.head_dim * 4
+    assert plain.bytes_stored() == kv + model.cfg.n_layer * T * 8  # + an int64 position per token and layer
+    model.set_cache_policy(build_policy(CacheConfig(policy="h2o", budget=8), model.cfg))
+    cache = model.new_cache()
+    with torch.no_grad():
+        decode_tokenwise(model, cache, x, 4)
+    stored = sum(int(cache.head_lengths(i).sum()) for i in range(model.cfg.n_layer))
+    assert stored == model.cfg.n_layer * model.cfg.n_kv_head * 8  # the budget: 8 keys per head
+    # K/V + position + H2O's track (position, index, importance, frequency, last use, keep flag) per key.
+    assert cache.bytes_stored() == stored * (2 * model.cfg.head_dim * 4 + 8 + 8 + 8 + 3 * 8 + 1)
+
+
+def test_sharded_deployed_cache_stores_each_key_once():
+    model = _moe()
+    model.set_kv_sharding(build_sharding(ShardingConfig(enabled=True, n_sink=1, window=2), model.cfg))
+    x = torch.randint(0, 258, (2, T))
+    cache = model.new_cache()
+    with torch.no_grad():
+        train = model.logits(model(x).hidden)
+        dec = decode_tokenwise(model, cache, x, 5)
+        copies = model.kv_sharding.new_cache(model.cfg.n_layer)  # the per-shard layout (a copy per shard)
+        decode_tokenwise(model, copies, x, 5)
+    torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * float(train.abs().max()))
+    n_kv = sum(int(cache.head_lengths(i).sum()) for i in range(model.cfg.n_layer))
+    assert n_kv == model.cfg.n_layer * 2 * model.cfg.n_kv_head * T  # one entry per token, layer and kv-head
+    assert cache.bytes_stored() < copies.bytes_stored()
+
+
+@pytest.mark.parametrize("name,kw", [("h2o", dict(chunk_size=4)), ("streaming_llm", {}), ("quest", dict(page_size=4, quest_dense_layers=0))])
+def test_cache_statistics_are_logged_on_the_flexattention_path(name, kw):
+    """The CUDA path builds no dense mask; its cache/* statistics come from the same mask_mod and equal the
+    SDPA path's (run eagerly on CPU here)."""
+    model = _moe(n_layer=2)
+    model.set_cache_policy(build_policy(CacheConfig(policy=name, budget=0.5, **kw), model.cfg))
+    x = torch.randint(0, 258, (2, T))
+    with torch.no_grad():
+        ref = model(x).stats
+        model.cache_policy.use_flex = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flex = model(x).stats
+    keys = [k for k in ref if k.startswith("cache/")]
+    assert {"cache/kept_fraction", "cache/budget_use", "cache/bytes_stored"} <= set(keys)
+    for key in keys:
+        torch.testing.assert_close(torch.as_tensor(flex[key]), torch.as_tensor(ref[key]), rtol=1e-6, atol=0)
+
+
+def test_quest_on_a_model_with_too_few_layers_warns():
+    with pytest.warns(UserWarning, match="quest_dense_layers"):
+        build_policy(CacheConfig(policy="quest", budget=0.5, quest_dense_layers=2), ModelConfig.preset("nano"))
+
+
+def test_duo_attention_penalty_keeps_its_weight_when_router_losses_are_off():
+    from pikv_train.tasks import DistillationTask
+    from pikv_train.tasks.distill import DistillLossConfig
+    from pikv_train.tasks.teacher import TeacherConfig
+
+    task = DistillationTask(student=ModelConfig.preset("nano-moe", n_head=4, n_kv_head=2),
+                            teacher=TeacherConfig(checkpoint="unused.ckpt"),
+                            loss=DistillLossConfig(router_loss_weight=0.0),
+                            cache=CacheConfig(policy="duo_attention", budget=16, duo_l1_weight=0.5))
+    task.log = task.log_dict = lambda *a, **k: None
+    ids = torch.randint(0, 258, (2, T))
+
+    def no_kd(batch, divergence, **kw):  # the divergence itself is tested elsewhere: isolate the penalty
+        out = task.student(batch["input_ids"])
+        zero = out.hidden.sum() * 0
+        return zero, torch.tensor(1.0), {"kd": zero, "ce": zero, "agreement": zero}, out
+
+    task.divergence_loss = no_kd
+    task.training_step({"input_ids": ids}, 0).backward()
+    gates = task.student.cache_policy.gates
+    # d/dg of 0.5 * mean|g| with g = 1: 0.5 / n_gates each (the L1 term alone, the KD term is zero)
+    torch.testing.assert_close(gates.grad, torch.full_like(gates, 0.5 / gates.numel()))
