@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from pikv_train.cache import CacheConfig, build_policy
-from pikv_train.cache.policies import calibrate_gates, dense_probs
+from pikv_train.cache.policies import calibrate_gates
 from pikv_train.data import TextDataModule
 from pikv_train.evaluate import evaluate, load_decoder
 from pikv_train.models.hooks import AttentionHook
@@ -46,6 +46,7 @@ VARIANTS = {
 }
 TRAINED = ["streaming_llm", "h2o"]  # policies with a recipes/student_<policy>.yaml
 BUDGETS = [1.0, 0.5, 0.25, 0.125]
+SEQ_LEN = 256  # data.seq_len of configs/data/embedded.yaml: the fixed reference length of the budgets
 
 
 def run_dir(name: str, seed: int) -> Path:
@@ -68,7 +69,8 @@ def train_missing(seeds: list[int]) -> None:
 
 
 def set_policy(model, name: str, budget: float, calib: torch.Tensor, **extra):
-    policy = build_policy(CacheConfig(policy=name, budget=budget, **extra), model.cfg)
+    # Budgets refer to the 256-token validation sequences (data.seq_len), as in the training recipes.
+    policy = build_policy(CacheConfig(policy=name, budget=budget, reference_len=SEQ_LEN, **extra), model.cfg)
     model.set_cache_policy(policy)
     if name == "duo_attention":  # none of these students was trained with DuoAttention gates
         calibrate_gates(model, calib)
@@ -77,14 +79,14 @@ def set_policy(model, name: str, budget: float, calib: torch.Tensor, **extra):
 
 
 class _Recorder(AttentionHook):
-    """Records each layer's dense attention (B, H_kv, T, T) and leaves attention unchanged."""
+    """Records each layer's rotated queries and keys and leaves attention unchanged."""
 
     def __init__(self):
         super().__init__()
-        self.probs = []
+        self.qk = []
 
     def training_mask(self, q, k, ctx):
-        self.probs.append(dense_probs(q, k))
+        self.qk.append((q, k, ctx))
         return None
 
 
@@ -100,11 +102,11 @@ def agreement(model, loader, budget: float, chunk: int, n_batches: int) -> dict:
             rec = _Recorder()
             model.set_cache_policy(rec)
             model(batch["input_ids"])
-            t = batch["input_ids"].shape[1]
-            for a in rec.probs:
-                pols = [build_policy(CacheConfig(policy=name, budget=budget, chunk_size=c)) for c in (chunk, 1)]
-                b_tok = pols[0].budget_tokens(t)
-                m_c, m_1 = (p.mask_from_probs(a, b_tok) for p in pols)
+            for q, k, ctx in rec.qk:
+                pols = [build_policy(CacheConfig(policy=name, budget=budget, chunk_size=c, reference_len=SEQ_LEN))
+                        for c in (chunk, 1)]
+                b_tok = pols[0].budget_tokens()
+                m_c, m_1 = (p.mask(q, k, ctx, b_tok) for p in pols)
                 inter += int((m_c & m_1).sum())
                 union += int((m_c | m_1).sum())
                 same_rows += int((m_c == m_1).all(-1).sum())
