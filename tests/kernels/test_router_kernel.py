@@ -1,5 +1,6 @@
 """Fused Triton router == PyTorch reference under TRITON_INTERPRET=1 (fp32): ids identical, weights <= 1e-6,
-gradients of x and W through the weights, the Switch loss and the z-loss <= 1e-5 (SPEC §2)."""
+gradients of x and W through the weights, the Switch loss and the z-loss <= 1e-5 (SPEC §2), both relative to
+the magnitude compared (max |reference|): fp32 rounding of the GEMMs differs between processors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+
+from helpers import assert_close_rel  # noqa: E402
 
 from pikv_kernels import fused_router, resolve_router_kernel  # noqa: E402
 from pikv_kernels.router_reference import router_reference  # noqa: E402
@@ -48,14 +51,14 @@ def test_triton_matches_reference(n, d, e, k, opts):
     ref, rx, rw = _run(router_reference, x, w, g, k, opts)
     tri, tx, tw = _run(router_triton, x, w, g, k, opts)
     assert torch.equal(tri.ids, ref.ids)
-    torch.testing.assert_close(tri.weights, ref.weights, atol=1e-6, rtol=0)
+    assert_close_rel(tri.weights, ref.weights, 1e-6)
     torch.testing.assert_close(tri.counts, ref.counts, atol=0, rtol=0)
-    torch.testing.assert_close(tri.prob_sum, ref.prob_sum, atol=1e-5, rtol=0)
-    torch.testing.assert_close(tri.lse, ref.lse, atol=1e-6, rtol=0)
-    torch.testing.assert_close(tri.aux, ref.aux, atol=1e-7, rtol=0)
-    torch.testing.assert_close(tri.z, ref.z, atol=1e-7, rtol=0)
-    torch.testing.assert_close(tx, rx, atol=1e-5, rtol=0)
-    torch.testing.assert_close(tw, rw, atol=1e-5, rtol=0)
+    assert_close_rel(tri.prob_sum, ref.prob_sum, 1e-5)  # a sum over N tokens
+    assert_close_rel(tri.lse, ref.lse, 1e-6)  # |lse| ~ 5: atol=1e-6 failed on another processor (1.43e-6)
+    assert_close_rel(tri.aux, ref.aux, 1e-6)
+    assert_close_rel(tri.z, ref.z, 1e-6)
+    assert_close_rel(tx, rx, 1e-5)
+    assert_close_rel(tw, rw, 1e-5)
 
 
 @pytest.mark.parametrize("term", ["aux", "z"])
@@ -70,8 +73,10 @@ def test_loss_gradients_alone(term):
         grads.append((xx.grad, ww.grad))
     (rx, rw), (tx, tw) = grads
     assert rx.abs().max() > 1e-4
-    torch.testing.assert_close(tx, rx, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(tw, rw, atol=1e-6, rtol=1e-5)
+    # Each term's gradient alone is ~1e-2 and made of partially cancelling terms (f_i - sum_j p_j f_j): fp32
+    # rounding reaches ~5e-6 of its max, so 3e-5 of it (the former absolute 1e-6 allowed ~8e-5).
+    assert_close_rel(tx, rx, 3e-5)
+    assert_close_rel(tw, rw, 3e-5)
 
 
 def test_ties_go_to_the_lower_index_and_deterministic():
@@ -100,27 +105,26 @@ def test_router_kernel_config_matches_eager(cls, cfg):
     if isinstance(r, EPLBRouter):
         r.bias.copy_(torch.randn(6) * 0.05)
     x = torch.randn(29, 16)
+    g = torch.randn(29, 2)  # a generic upstream gradient of the combine weights
     outs = {}
     for kernel in ("eager", "reference", "triton"):
         r.cfg.kernel = kernel
         r.zero_grad()
         xx = x.clone().requires_grad_()
         out = r(xx)
-        (out.weights.sum() * 0.3 + out.loss).backward()
+        ((out.weights * g).sum() + out.loss).backward()
         outs[kernel] = (out, xx.grad, r.gate.weight.grad.clone())
     e_out, e_dx, e_dw = outs["eager"]
     for kernel in ("reference", "triton"):
         out, dx, dw = outs[kernel]
-        # Same experts as the eager router (as sets: eager top-k order may differ only on exact ties).
-        assert torch.equal(out.ids.sort(-1).values, e_out.ids.sort(-1).values)
+        # Same experts in the same order as the eager router (random logits: no exact ties).
+        assert torch.equal(out.ids, e_out.ids)
         assert torch.equal(out.valid, e_out.valid)
-        perm = torch.argsort(out.ids, -1)
-        e_perm = torch.argsort(e_out.ids, -1)
-        torch.testing.assert_close(out.weights.gather(-1, perm), e_out.weights.gather(-1, e_perm), atol=1e-6, rtol=0)
-        torch.testing.assert_close(out.loss, e_out.loss, atol=1e-7, rtol=1e-6)
+        assert_close_rel(out.weights, e_out.weights, 1e-6)
+        assert_close_rel(out.loss, e_out.loss, 1e-6)
         torch.testing.assert_close(out.counts, e_out.counts)
-        torch.testing.assert_close(dx, e_dx, atol=1e-5, rtol=0)
-        torch.testing.assert_close(dw, e_dw, atol=1e-5, rtol=0)
+        assert_close_rel(dx, e_dx, 1e-5)
+        assert_close_rel(dw, e_dw, 1e-5)
         assert set(out.stats) >= {"dropped", "mean_k", "load_max_over_mean"}
 
 
