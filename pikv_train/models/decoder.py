@@ -47,7 +47,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = MoEFeedForward(cfg.d_model, cfg.moe) if cfg.moe is not None else SwiGLU(cfg.d_model, cfg.d_ff)
+        self.ffn = (MoEFeedForward(cfg.d_model, cfg.moe, max_seq_len=cfg.max_seq_len) if cfg.moe is not None
+                    else SwiGLU(cfg.d_model, cfg.d_ff))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **attn_kw) -> tuple[Tensor, RouterOutput | None]:
         ctx = attn_kw.get("ctx")
@@ -65,7 +66,11 @@ class Block(nn.Module):
             if wants_mass and ctx.attention_probs is not None:
                 target = self.ffn.router.attention_mass_target(ctx.attention_probs, relative=True)  # (B, T)
                 ctx.attention_probs = None
-            y, routing = self.ffn(h, importance_target=target)
+            # Decoding: expert-capacity queues continue from earlier steps, in the cache's `extra` dict.
+            cache = attn_kw.get("cache")
+            y, routing = self.ffn(h, importance_target=target, positions=attn_kw.get("positions"),
+                                  state=None if cache is None else getattr(cache, "extra", None),
+                                  layer_idx=attn_kw.get("layer_idx", 0), incremental=cache is not None)
             return x + y, routing
         return x + self.ffn(h), None
 

@@ -14,8 +14,11 @@ from pikv_train.routing.base import (
     apply_capacity,
     balance_losses,
     switch_loss,
+    topk_lowest,
+    topk_lowest_index,
     z_loss,
 )
+from pikv_train.routing.capacity import capacity_slots, new_capacity_state
 from pikv_train.routing.eplb import EPLBRouter
 from pikv_train.routing.eplb_planner import EPLBPlan, plan_eplb
 from pikv_train.routing.hierarchical import HierarchicalRouter, group_limit
@@ -31,15 +34,22 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
-def build_router(cfg: RouterConfig, d_model: int, n_experts: int) -> Router:
-    """Instantiate the router named by ``cfg.name``."""
+def build_router(cfg: RouterConfig, d_model: int, n_experts: int, max_seq_len: int | None = None) -> Router:
+    """Instantiate the router named by ``cfg.name``.
+
+    ``max_seq_len``: the model's longest sequence, the fixed reference length L of the expert capacity
+    (``RouterConfig.capacity_factor``).
+    """
     if cfg.name not in ROUTERS:
         raise ValueError(f"unknown router {cfg.name!r}; choose one of {sorted(ROUTERS)}")
-    return ROUTERS[cfg.name](d_model, n_experts, cfg)
+    router = ROUTERS[cfg.name](d_model, n_experts, cfg)
+    router.max_seq_len = max_seq_len
+    return router
 
 
 __all__ = [
     "AdaptiveRouter", "BaseRouter", "EPLBPlan", "EPLBRouter", "HierarchicalRouter", "PiKVRouter", "Router",
     "RouterConfig", "RouterOutput", "TopKBalancedRouter", "ROUTERS", "apply_capacity", "balance_losses",
-    "build_router", "group_limit", "plan_eplb", "switch_loss", "z_loss",
+    "build_router", "capacity_slots", "group_limit", "new_capacity_state", "plan_eplb", "switch_loss",
+    "topk_lowest", "topk_lowest_index", "z_loss",
 ]

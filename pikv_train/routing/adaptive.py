@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pikv_train.routing.base import Router, RouterConfig, RouterOutput, balance_losses, check_k_min
+from pikv_train.routing.base import Router, RouterConfig, RouterOutput, balance_losses, check_k_min, topk_lowest
 
 CUMSUM_TOL = 1e-6
 """Cumulative probability within this of p_threshold counts as reached (fp32 cumsum rounding)."""
@@ -43,7 +43,7 @@ class AdaptiveRouter(Router):
 
     def select(self, logits: Tensor, x: Tensor) -> tuple[Tensor, ...]:
         probs = logits.softmax(-1)
-        top_p, ids = probs.topk(self.k_max, dim=-1)  # sorted descending
+        top_p, ids = topk_lowest(probs, self.k_max)  # sorted descending, ties to the lower index
         k = top_p_k(top_p.detach(), self.cfg.p_threshold, self.cfg.k_min, self.k_max)
         valid = torch.arange(self.k_max, device=logits.device) < k[:, None]
         chosen = top_p * valid

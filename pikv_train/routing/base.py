@@ -6,20 +6,24 @@ logsumexp), so nothing downstream runs a second pass over the logits.
 
 Routing is causal by construction: a token's experts depend only on its own hidden state and on
 parameters/buffers that change between optimizer steps, never on other tokens of the batch. The one
-exception allowed by SPEC.md is capacity dropping, which only decides *whether* a chosen expert
-processes the token (dropped tokens pass through the residual); with ``drop_policy="position"`` a token
-is only ever dropped because of tokens *before* it in the flattened batch order.
+exception allowed by SPEC.md is capacity dropping (:mod:`pikv_train.routing.capacity`), which only decides
+*whether* a chosen expert processes the token (dropped tokens pass through the residual), and does so
+per sequence and causally: a token is only ever dropped because of earlier tokens of its own sequence.
+
+Exact ties in a selection score go to the lowest expert index everywhere (:func:`topk_lowest_index`),
+as in the Triton kernel, so a checkpoint routes the same on CPU and GPU.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pikv_train.routing.capacity import apply_capacity, capacity_slots, new_capacity_state
 
 
 @dataclass
@@ -37,9 +41,15 @@ class RouterConfig:
     z_loss_weight: float = 1e-3
     """Router z-loss weight c_z (loss = c_z * mean_t logsumexp(r_t)^2)."""
     capacity_factor: float | None = None
-    """Expert capacity C = ceil(k * T * cf / E); None = dropless."""
+    """Expert capacity per sequence: each expert takes at most C = ceil(top_k * L * cf / E) assignments of
+    one sequence (position policy), where L is the model's max_seq_len, a fixed length, so C is the same
+    for every batch and in training and decoding (a router used on its own, outside a model, takes L =
+    the sequence length of the call). None = dropless."""
     drop_policy: Literal["position", "probability"] = "position"
-    """Which assignments an over-full expert keeps: the earliest tokens, or the most probable ones."""
+    """Which assignments an over-full expert keeps, causally within each sequence: position = the first C
+    (token-major, a hard load bound); probability = an online top-C by router probability: an assignment
+    is kept iff fewer than C earlier assignments of its sequence to that expert are at least as probable
+    (does not bound the load; see pikv_train/routing/capacity.py)."""
     p_threshold: float = 0.6
     """AdaptiveRouter: smallest expert set whose cumulative probability reaches this (top-p routing)."""
     k_min: int = 1
@@ -145,41 +155,31 @@ def check_k_min(cfg: RouterConfig) -> None:
         )
 
 
-def apply_capacity(ids: Tensor, valid: Tensor, weights: Tensor, n_experts: int, capacity: int, policy: str,
-                   priority: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Drop assignments beyond an expert's capacity.
+def topk_lowest_index(v: Tensor, k: int) -> Tensor:
+    """Indices (..., k) of the k largest values along the last dim, in descending order, exact ties to the
+    lowest index (the Triton kernel's rule; ``torch.topk`` breaks ties arbitrarily).
 
-    Args:
-        ids, valid, weights: (N, K) routing decisions.
-        capacity: slots per expert.
-        policy: "position" keeps the earliest tokens (flattened order, first choice before second);
-            "probability" keeps the assignments with the largest ``priority`` (default: weights).
-    Returns:
-        (valid, weights) with dropped assignments cleared.
+    One ``topk(k + 1)`` finds the rows whose result a tie could affect (two equal values among the top
+    k + 1); only those rows are re-ranked with a stable descending sort.
     """
-    n, k = ids.shape
-    # Slot-major order (all first choices, then all second choices), as in Switch / GShard: a token's
-    # top-1 assignment is never displaced by another token's second choice.
-    flat_ids = ids.t().reshape(-1)
-    flat_valid = valid.t().reshape(-1)
-    if policy == "position":
-        order = torch.arange(flat_ids.numel(), device=ids.device)
-    elif policy == "probability":
-        pr = (weights if priority is None else priority).t().reshape(-1)
-        order = torch.argsort(-pr, stable=True)
-    else:
-        raise ValueError(f"drop_policy must be 'position' or 'probability', got {policy!r}")
-    # Rank of each assignment inside its expert's queue (in `order`).
-    key = torch.where(flat_valid, flat_ids, torch.full_like(flat_ids, n_experts))[order]
-    sorted_key, perm = torch.sort(key, stable=True)
-    counts = torch.bincount(sorted_key, minlength=n_experts + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(key.numel(), device=ids.device) - starts[sorted_key]
-    rank = torch.empty_like(rank_sorted)
-    rank[order[perm]] = rank_sorted
-    keep = flat_valid & (rank < capacity)
-    keep = keep.reshape(k, n).t()
-    return keep, weights * keep
+    v = v.detach()
+    e = v.shape[-1]
+    if k >= e:
+        return torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :k]
+    vals, idx = v.topk(k + 1, dim=-1)
+    tie = (vals[..., 1:] == vals[..., :-1]).any(-1)
+    idx = idx[..., :k]
+    if bool(tie.any()):
+        idx = idx.clone()
+        rows = tie.nonzero(as_tuple=True)
+        idx[rows] = torch.sort(v[rows], dim=-1, descending=True, stable=True).indices[..., :k]
+    return idx
+
+
+def topk_lowest(v: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) like ``v.topk(k, dim=-1)`` with ties to the lowest index; values keep v's grad."""
+    idx = topk_lowest_index(v, k)
+    return v.gather(-1, idx), idx
 
 
 class Router(nn.Module):
@@ -200,6 +200,8 @@ class Router(nn.Module):
         self.d_model = d_model
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5 * 0.1)
+        self.max_seq_len: int | None = None
+        """Reference length L of the capacity (the model's max_seq_len; set by ``build_router``)."""
 
     @property
     def k_max(self) -> int:
@@ -214,7 +216,7 @@ class Router(nn.Module):
         """Return (ids (N,K), valid (N,K), weights (N,K), probs (N,E)), optionally followed by an
         ``extras`` dict of per-token tensors that is copied into :attr:`RouterOutput.extras`."""
         probs = logits.softmax(-1)
-        top_p, ids = probs.topk(self.cfg.top_k, dim=-1)
+        top_p, ids = topk_lowest(probs, self.cfg.top_k)
         weights = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-20) if self.cfg.normalize_weights else top_p
         return ids, torch.ones_like(ids, dtype=torch.bool), weights, probs
 
@@ -226,23 +228,47 @@ class Router(nn.Module):
         weights and losses, or None when the rule is not fusable (dynamic k)."""
         return None
 
-    def _forward_fused(self, x: Tensor, fn, spec: dict) -> RouterOutput:
+    def capacity(self, seq_len: int) -> int:
+        """Places per (sequence, expert): C = ceil(top_k * L * cf / E), L = ``max_seq_len`` if set, else
+        ``seq_len`` (a router used on its own)."""
+        if self.cfg.capacity_factor is None:
+            raise ValueError("capacity() needs capacity_factor")
+        length = self.max_seq_len if self.max_seq_len is not None else seq_len
+        return capacity_slots(self.cfg.top_k, length, self.cfg.capacity_factor, self.n_experts)
+
+    def new_capacity_state(self) -> dict:
+        """Empty decoding state for causal capacity (kept in the inference cache's ``extra``)."""
+        if self.max_seq_len is None:
+            raise ValueError(
+                "capacity in incremental decoding needs a fixed reference length: set router.max_seq_len "
+                "(build_router(..., max_seq_len=model max_seq_len) does)"
+            )
+        return new_capacity_state(self.capacity(self.max_seq_len), self.cfg.drop_policy)
+
+    def _capacity(self, ids: Tensor, valid: Tensor, weights: Tensor, probs: Tensor, n_seq: int,
+                  positions: Tensor | None, state: dict | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The one capacity step of the eager and fused paths: (valid, weights, dropped)."""
+        if self.cfg.capacity_factor is None or ids.shape[0] == 0:
+            return valid, weights, weights.new_zeros((), dtype=torch.float32)
+        cap = self.capacity(ids.shape[0] // n_seq)
+        new_valid, weights = apply_capacity(ids, valid, weights, self.n_experts, cap, self.cfg.drop_policy,
+                                            priority=probs.detach().gather(-1, ids), n_seq=n_seq,
+                                            positions=positions, state=state)
+        return new_valid, weights, (valid & ~new_valid).sum().float()
+
+    def _forward_fused(self, x: Tensor, fn, spec: dict, n_seq: int = 1, positions: Tensor | None = None,
+                       capacity_state: dict | None = None) -> RouterOutput:
         with torch.autocast(device_type=x.device.type, enabled=False):
             f = fn(x if x.dtype in (torch.float32, torch.bfloat16) else x.float(), self.gate.weight,
                    self.cfg.top_k, **spec)
         ids, weights = f.ids, f.weights
-        valid = torch.ones_like(ids, dtype=torch.bool)
-        dropped = x.new_zeros((), dtype=torch.float32)
-        if self.cfg.capacity_factor is not None:
-            cap = math.ceil(self.cfg.top_k * x.shape[0] * self.cfg.capacity_factor / self.n_experts)
-            new_valid, weights = apply_capacity(ids, valid, weights, self.n_experts, cap, self.cfg.drop_policy)
-            dropped = (valid & ~new_valid).sum().float()
-            valid = new_valid
         if spec.get("score_fn", "softmax") == "sigmoid":
             s = torch.sigmoid(f.logits)
             probs = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
         else:
             probs = f.logits.softmax(-1)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        valid, weights, dropped = self._capacity(ids, valid, weights, probs, n_seq, positions, capacity_state)
         out = RouterOutput(ids=ids, valid=valid, weights=weights, logits=f.logits, probs=probs, counts=f.counts,
                            lse=f.lse)
         out.stats = {
@@ -254,15 +280,24 @@ class Router(nn.Module):
                                                  ("z", f.z, spec.get("z_weight", 0.0))) if w}
         return out
 
-    def forward(self, x: Tensor) -> RouterOutput:
-        """Route tokens x (N, d)."""
+    def forward(self, x: Tensor, *, n_seq: int = 1, positions: Tensor | None = None,
+                capacity_state: dict | None = None) -> RouterOutput:
+        """Route tokens x (N, d).
+
+        Args:
+            n_seq: the N tokens are ``n_seq`` sequences of N / n_seq tokens (sequence-major); capacity is
+                counted per sequence.
+            positions: (N,) or (n_seq, T) absolute positions, -1 for padding (holds no capacity).
+            capacity_state: decoding state from :meth:`new_capacity_state` (updated in place) when x
+                continues earlier calls; None: the N tokens are whole sequences (training).
+        """
         spec = self.fused_spec()
         if spec is not None and x.shape[0] > 0:
             from pikv_kernels import resolve_router_kernel, router_fn
 
             impl = resolve_router_kernel(self.cfg.kernel, x.device.type)
             if impl != "eager":
-                return self._forward_fused(x, router_fn(impl), spec)
+                return self._forward_fused(x, router_fn(impl), spec, n_seq, positions, capacity_state)
         logits = self.router_logits(x)
         sel = self.select(logits, x)
         ids, valid, weights, probs = sel[:4]
@@ -270,12 +305,7 @@ class Router(nn.Module):
         counts = torch.zeros(self.n_experts, device=x.device, dtype=torch.float32)
         counts.index_add_(0, ids[valid], torch.ones_like(ids[valid], dtype=torch.float32))
         n_routed = valid.sum()
-        dropped = x.new_zeros((), dtype=torch.float32)
-        if self.cfg.capacity_factor is not None and x.shape[0] > 0:
-            cap = math.ceil(self.cfg.top_k * x.shape[0] * self.cfg.capacity_factor / self.n_experts)
-            new_valid, weights = apply_capacity(ids, valid, weights, self.n_experts, cap, self.cfg.drop_policy)
-            dropped = (valid & ~new_valid).sum().float()
-            valid = new_valid
+        valid, weights, dropped = self._capacity(ids, valid, weights, probs, n_seq, positions, capacity_state)
         weights = torch.where(valid, weights, torch.zeros_like(weights))
         out = RouterOutput(
             ids=ids, valid=valid, weights=weights, logits=logits, probs=probs, counts=counts,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pikv_train.routing.base import Router, RouterConfig, RouterOutput, balance_losses
+from pikv_train.routing.base import Router, RouterConfig, RouterOutput, balance_losses, topk_lowest_index
 from pikv_train.routing.eplb_planner import EPLBPlan, plan_eplb
 from pikv_train.routing.hierarchical import check_groups, group_limit, scores_and_probs
 
@@ -58,15 +58,15 @@ class EPLBRouter(Router):
         biased = scores.detach() + self.bias.to(scores.dtype)
         if self.cfg.n_groups > 1:
             biased, _ = group_limit(biased, self.cfg.n_groups, self.cfg.topk_groups)
-        ids = biased.topk(self.k_max, dim=-1).indices
+        ids = topk_lowest_index(biased, self.k_max)
         chosen = scores.gather(-1, ids)
         if self.cfg.normalize_weights:
             chosen = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20)
         weights = chosen * self.cfg.route_scale
         return ids, torch.ones_like(ids, dtype=torch.bool), weights, probs, {"scores": scores}
 
-    def forward(self, x: Tensor) -> RouterOutput:
-        out = super().forward(x)
+    def forward(self, x: Tensor, **kw) -> RouterOutput:
+        out = super().forward(x, **kw)
         out.stats["bias_abs_max"] = self.bias.detach().abs().max().clone()
         return out
 

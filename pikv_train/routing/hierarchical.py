@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pikv_train.routing.base import Router, RouterConfig, RouterOutput, balance_losses
+from pikv_train.routing.base import Router, RouterConfig, RouterOutput, balance_losses, topk_lowest_index
 
 
 def scores_and_probs(logits: Tensor, score_fn: str) -> tuple[Tensor, Tensor]:
@@ -54,8 +54,8 @@ def group_limit(scores: Tensor, n_groups: int, topk_groups: int) -> tuple[Tensor
     n, e = scores.shape
     grouped = scores.reshape(n, n_groups, e // n_groups)
     top = min(2, e // n_groups)
-    group_score = grouped.topk(top, dim=-1).values.sum(-1)  # (N, G)
-    kept_idx = group_score.topk(topk_groups, dim=-1).indices
+    group_score = grouped.topk(top, dim=-1).values.sum(-1)  # (N, G); values only: tie order is irrelevant
+    kept_idx = topk_lowest_index(group_score, topk_groups)  # equal group scores: the lower group index
     kept = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, kept_idx, True)
     masked = grouped.masked_fill(~kept[..., None], float("-inf")).reshape(n, e)
     return masked, kept
@@ -72,7 +72,7 @@ class HierarchicalRouter(Router):
     def select(self, logits: Tensor, x: Tensor) -> tuple[Tensor, ...]:
         scores, probs = scores_and_probs(logits, self.cfg.score_fn)
         masked, kept = group_limit(scores.detach(), self.cfg.n_groups, self.cfg.topk_groups)
-        ids = masked.topk(self.k_max, dim=-1).indices
+        ids = topk_lowest_index(masked, self.k_max)
         chosen = scores.gather(-1, ids)
         weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20) if self.cfg.normalize_weights else chosen
         return ids, torch.ones_like(ids, dtype=torch.bool), weights, probs, {"kept_groups": kept}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pikv_train.routing.base import Router, RouterConfig, RouterOutput, balance_losses, check_k_min
+from pikv_train.routing.base import Router, RouterConfig, RouterOutput, balance_losses, check_k_min, topk_lowest
 
 
 class PiKVRouter(Router):
@@ -50,14 +50,14 @@ class PiKVRouter(Router):
                         torch.full_like(importance, self.k_max, dtype=torch.long),
                         torch.full_like(importance, self.cfg.k_min, dtype=torch.long))
         probs = logits.softmax(-1)
-        top_p, ids = probs.topk(self.k_max, dim=-1)
+        top_p, ids = topk_lowest(probs, self.k_max)
         valid = torch.arange(self.k_max, device=logits.device) < k[:, None]
         chosen = top_p * valid
         weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20) if self.cfg.normalize_weights else chosen
         return ids, valid, weights, probs, {"importance": importance, "k": k}
 
-    def forward(self, x: Tensor) -> RouterOutput:
-        out = super().forward(x)
+    def forward(self, x: Tensor, **kw) -> RouterOutput:
+        out = super().forward(x, **kw)
         imp = out.extras["importance"].detach()
         out.stats["importance"] = imp.mean() if imp.numel() else imp.new_zeros(())
         out.stats["frac_k_max"] = (out.extras["k"] == self.k_max).float().mean() if imp.numel() else imp.new_zeros(())

@@ -18,7 +18,15 @@ from helpers import assert_close_rel  # noqa: E402
 from pikv_kernels import fused_router, resolve_router_kernel  # noqa: E402
 from pikv_kernels.router_reference import router_reference  # noqa: E402
 from pikv_kernels.router_triton import router_triton  # noqa: E402
-from pikv_train.routing import BaseRouter, EPLBRouter, HierarchicalRouter, RouterConfig, TopKBalancedRouter  # noqa: E402
+from pikv_train.routing import (  # noqa: E402
+    AdaptiveRouter,
+    BaseRouter,
+    EPLBRouter,
+    HierarchicalRouter,
+    PiKVRouter,
+    RouterConfig,
+    TopKBalancedRouter,
+)
 
 CASES = [
     # (N, d, E, k, options): ragged N and d, E not a power of two, every option of the kernel.
@@ -90,6 +98,49 @@ def test_ties_go_to_the_lower_index_and_deterministic():
     assert torch.equal(a.weights, b.weights) and torch.equal(a.counts, b.counts)
 
 
+FIXED_K = [
+    (BaseRouter, {}),
+    (TopKBalancedRouter, {}),
+    (EPLBRouter, {}),
+    (EPLBRouter, dict(score_fn="sigmoid", n_groups=8, topk_groups=4)),
+    (HierarchicalRouter, dict(n_groups=8, topk_groups=4)),
+    (HierarchicalRouter, dict(score_fn="sigmoid", n_groups=8, topk_groups=2)),
+]
+
+
+@pytest.mark.parametrize("cls,cfg", FIXED_K)
+def test_all_zero_input_routes_to_the_lowest_experts_everywhere(cls, cfg):
+    # Issue 10: eager torch.topk picked [44, 41, ...] at E = 64, k = 8 while the kernel picks [0..7].
+    r = cls(16, 64, RouterConfig(top_k=8, **cfg))
+    x = torch.zeros(5, 16)
+    for kernel in ("eager", "reference", "triton"):
+        r.cfg.kernel = kernel
+        assert r(x).ids.tolist() == [list(range(8))] * 5, kernel
+    spec = r.fused_spec()
+    assert router_reference(x, r.gate.weight, 8, **spec).ids.tolist() == [list(range(8))] * 5
+    assert router_triton(x, r.gate.weight, 8, **spec).ids.tolist() == [list(range(8))] * 5
+
+
+@pytest.mark.parametrize("cls", [AdaptiveRouter, PiKVRouter])
+def test_dynamic_k_routers_break_ties_to_the_lowest_index(cls):
+    r = cls(16, 64, RouterConfig(top_k=8, k_min=8))
+    assert r(torch.zeros(3, 16)).ids.tolist() == [list(range(8))] * 3
+
+
+def test_eager_ties_match_the_kernel_on_partial_ties():
+    # Rows with ties inside the top-k, at its boundary, and none; x = identity rows, W = logits^T.
+    logits = torch.tensor([[1.0, 2.0, 2.0, 0.5, 2.0, 0.0], [0.0] * 6, [3.0, 1.0, 3.0, 3.0, 1.0, 1.0],
+                           [0.1, 0.7, 0.3, 0.6, 0.2, 0.5]])
+    r = BaseRouter(4, 6, RouterConfig(top_k=3))
+    with torch.no_grad():
+        r.gate.weight.copy_(logits.t())
+    ids = {}
+    for kernel in ("eager", "reference", "triton"):
+        r.cfg.kernel = kernel
+        ids[kernel] = r(torch.eye(4)).ids.tolist()
+    assert ids["eager"] == ids["reference"] == ids["triton"] == [[1, 2, 4], [0, 1, 2], [0, 2, 3], [1, 3, 5]]
+
+
 @pytest.mark.parametrize(
     "cls,cfg",
     [
@@ -117,7 +168,7 @@ def test_router_kernel_config_matches_eager(cls, cfg):
     e_out, e_dx, e_dw = outs["eager"]
     for kernel in ("reference", "triton"):
         out, dx, dw = outs[kernel]
-        # Same experts in the same order as the eager router (random logits: no exact ties).
+        # Same experts in the same order as the eager router (ties to the lower index everywhere).
         assert torch.equal(out.ids, e_out.ids)
         assert torch.equal(out.valid, e_out.valid)
         assert_close_rel(out.weights, e_out.weights, 1e-6)

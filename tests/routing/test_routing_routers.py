@@ -66,31 +66,112 @@ def test_apply_capacity_both_policies():
     ids = torch.tensor([[0, 1], [1, 0]])
     valid = torch.ones(2, 2, dtype=torch.bool)
     weights = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
-    # position, slot-major: t0's 1st (e0), t1's 1st (e1) fill both experts; both 2nd choices drop.
+    probs = torch.tensor([[0.3, 0.2], [0.1, 0.4]])  # pre-normalisation probabilities of the chosen experts
+    # position, token-major: t0 takes e0 and e1 (both its slots), so both of t1's assignments drop.
     keep, w = apply_capacity(ids, valid, weights, 2, 1, "position")
-    assert keep.tolist() == [[True, False], [True, False]]
-    torch.testing.assert_close(w, torch.tensor([[0.6, 0.0], [0.3, 0.0]]))
-    # probability: e0 keeps t1 (.7 > .6), e1 keeps t0 (.4 > .3).
-    keep, w = apply_capacity(ids, valid, weights, 2, 1, "probability")
-    assert keep.tolist() == [[False, True], [False, True]]
+    assert keep.tolist() == [[True, True], [False, False]]
+    torch.testing.assert_close(w, torch.tensor([[0.6, 0.4], [0.0, 0.0]]))
+    # probability (online top-1): t0 is first on both queues; t1 keeps e0 (.4 > .3), drops e1 (.1 < .2).
+    keep, w = apply_capacity(ids, valid, weights, 2, 1, "probability", priority=probs)
+    assert keep.tolist() == [[True, True], [False, True]]
+    # it ranks by the probabilities, not by the renormalised weights (which would give t1 both: .7 > .6, ...)
+    keep, _ = apply_capacity(ids, valid, weights, 2, 1, "probability", priority=torch.tensor([[0.3, 0.2], [0.1, 0.1]]))
+    assert keep.tolist() == [[True, True], [False, False]]
     # invalid slots never take capacity
     keep, _ = apply_capacity(ids, torch.tensor([[False, True], [True, True]]), weights, 2, 1, "position")
-    assert keep.tolist() == [[False, False], [True, True]]
+    assert keep.tolist() == [[False, True], [False, True]]
     with pytest.raises(ValueError, match="drop_policy"):
         apply_capacity(ids, valid, weights, 2, 1, "random")
+    with pytest.raises(ValueError, match="probabilities"):
+        apply_capacity(ids, valid, weights, 2, 1, "probability")
 
 
-@pytest.mark.parametrize("policy,kept", [("position", 0), ("probability", 2)])
+def test_capacity_is_token_major_not_slot_major():
+    # Issue 10: slot-major queues dropped t0's 2nd choice (e1) because of t1's 1st choice; token-major
+    # keeps it whatever t1 does.
+    valid, w = torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2)
+    for later in ([1, 2], [2, 1]):
+        keep, _ = apply_capacity(torch.tensor([[0, 1], later]), valid, w, 3, 1, "position")
+        assert keep[0].tolist() == [True, True]
+
+
+def test_capacity_is_per_sequence():
+    # Two sequences of 2 tokens, all on expert 0, C = 1: each sequence keeps its first token.
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    valid, w = torch.ones(4, 1, dtype=torch.bool), torch.ones(4, 1)
+    keep, _ = apply_capacity(ids, valid, w, 2, 1, "position", n_seq=2)
+    assert keep[:, 0].tolist() == [True, False, True, False]
+    # Left padding (position -1) holds no place and is never dropped.
+    pos = torch.tensor([[-1, 0], [0, 1]])
+    keep, _ = apply_capacity(ids, valid, w, 2, 1, "position", n_seq=2, positions=pos)
+    assert keep[:, 0].tolist() == [True, True, True, False]
+
+
+def test_probability_capacity_online_top_c():
+    # One queue (expert 0) with C = 2: kept iff fewer than 2 earlier assignments are at least as probable.
+    p = torch.tensor([0.5, 0.3, 0.4, 0.2, 0.6, 0.55, 0.55])[:, None]
+    ids, valid = torch.zeros(7, 1, dtype=torch.long), torch.ones(7, 1, dtype=torch.bool)
+    keep, _ = apply_capacity(ids, valid, torch.ones(7, 1), 1, 2, "probability", priority=p)
+    # .5 .3 kept (first two); .4 (beats .3) kept; .2 dropped (.5, .3, .4 above); .6 kept;
+    # .55 kept (only .6 above); the second .55 drops (.6 and the earlier, equal .55 rank above it).
+    assert keep[:, 0].tolist() == [True, True, True, False, True, True, False]
+
+
+def test_capacity_state_continues_and_forgets_rolled_back_positions():
+    from pikv_train.routing import new_capacity_state
+
+    torch.manual_seed(0)
+    for policy in ("position", "probability"):
+        ids = torch.randint(0, 3, (2, 10, 1))
+        ids = torch.cat([ids, (ids + 1) % 3], -1)  # two distinct experts per token
+        prio = torch.rand(2, 10, 2)
+        valid, w = torch.ones(2, 10, 2, dtype=torch.bool), torch.ones(2, 10, 2)
+        pos = torch.arange(10).expand(2, 10)
+        full, _ = apply_capacity(ids.reshape(20, 2), valid.reshape(20, 2), w.reshape(20, 2), 3, 3, policy,
+                                 prio.reshape(20, 2), n_seq=2, positions=pos)
+        state = new_capacity_state(3, policy)
+        steps = []
+        for t in range(10):
+            if t == 6:  # a speculative round that is rolled back: positions 6.. are fed again
+                junk = torch.full((2, 1, 2), 0)
+                apply_capacity(junk.reshape(2, 2), valid[:, :1].reshape(2, 2), w[:, :1].reshape(2, 2), 3, 3,
+                               policy, torch.ones(2, 2), n_seq=2, positions=pos[:, 6:7], state=state)
+            k, _ = apply_capacity(ids[:, t], valid[:, t], w[:, t], 3, 3, policy, prio[:, t], n_seq=2,
+                                  positions=pos[:, t : t + 1], state=state)
+            steps.append(k)
+        assert torch.equal(torch.stack(steps, 1).reshape(20, 2), full)
+        assert not full.all()  # drops happened
+
+
+@pytest.mark.parametrize("policy,kept", [("position", [0]), ("probability", [0, 1, 2])])
 def test_router_capacity_drops(policy, kept):
-    # 4 tokens all prefer expert 0; C = ceil(1 * 4 * 0.5 / 2) = 1.
+    # 4 tokens all prefer expert 0; C = ceil(1 * 4 * 0.5 / 2) = 1 (L = the call's length: no model).
+    # position keeps the first; probability (online top-1 over .6, .7, .9, .8) keeps each new maximum, so
+    # the most probable token (t2) is kept and t3 (.8 < .9) drops.
     logits = log_rows([0.6, 0.4], [0.7, 0.3], [0.9, 0.1], [0.8, 0.2])
     r, x = make(TopKBalancedRouter, logits, top_k=1, capacity_factor=0.5, drop_policy=policy,
                 normalize_weights=False)
     out = r(x)
-    assert out.valid[:, 0].tolist() == [i == kept for i in range(4)]
-    assert out.stats["dropped"].item() == 3.0
+    assert out.valid[:, 0].tolist() == [i in kept for i in range(4)]
+    assert out.stats["dropped"].item() == 4 - len(kept)
     assert out.counts.tolist() == [4.0, 0.0]  # counts are before drops
     assert (out.weights[~out.valid] == 0).all()
+
+
+def test_probability_policy_top1_keeps_most_probable_token():
+    # top_k = 1, renormalised weights are all 1: ranking by them would equal the position policy.
+    torch.manual_seed(0)
+    logits = torch.randn(12, 3) + torch.tensor([3.0, 0.0, 0.0])  # most tokens queue on expert 0
+    r, x = make(TopKBalancedRouter, logits, top_k=1, capacity_factor=0.25, drop_policy="probability")
+    out = r(x)
+    p = logits.softmax(-1)
+    for e in range(3):
+        queue = (out.ids[:, 0] == e).nonzero()[:, 0]
+        if len(queue) > r.capacity(12):
+            assert out.valid[queue[p[queue, e].argmax()], 0]
+    assert out.stats["dropped"] > 0
+    r.cfg.drop_policy = "position"
+    assert not torch.equal(r(x).valid, out.valid)
 
 
 # ---------------------------------------------------------------- Adaptive
