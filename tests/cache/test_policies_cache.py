@@ -306,7 +306,7 @@ def test_validate_any_checkpoint_under_any_policy(tmp_path):
     d.setup("validate")
     model.set_cache_policy(build_policy(CacheConfig(policy="streaming_llm", budget=8, n_sink=2), cfg))
     ref = evaluate(model.eval(), d.val_dataloader(), max_batches=3)
-    assert abs(ref["nll"] - results["streaming_llm"]) < 1e-5
+    assert abs(ref["nll"] - results["streaming_llm"]) < 1e-5 * abs(ref["nll"])  # relative: rounding varies by CPU
 
 
 @pytest.mark.parametrize("name", ["h2o", "lru", "lru_plus"])
