@@ -25,6 +25,7 @@ class ShardedFullCache(PolicyCache):
         self.policy, self.budget, self.ref_len = None, None, None
         self.store = [None] * n_layer
         self.sharding, self._routing, self.allow = sharding, {}, None
+        self._read_sum, self._read_n = 0.0, 0
 
     def _step(self, layer_idx, h, st, q, k_all, p_all, n_old):
         t = p_all[n_old:]

@@ -244,8 +244,9 @@ class PolicyCache(KVCache):
 
     ``store[layer][b][h]`` holds ``k``, ``v`` (S_bh, hd) and ``pos`` (S_bh,) plus policy state. ``update``
     hands each (b, h) the stored keys followed by the new ones; the policy's ``_step`` returns which of
-    them each new query reads and which stay stored. The returned tensors are padded to the longest
-    head for SDPA (padding is masked and not stored).
+    them each new query reads and which stay stored. Only the keys some new query reads are gathered for
+    attention (at a decode step, exactly the query's visible keys: its shards, Quest's selected pages), padded
+    to the longest head for SDPA (padding is masked and not stored).
 
     With expert sharding (``set_sharding``) each key is still stored once, with its shard membership
     (and, for ``by_score``, each head keeps running per-shard key sums); a query reads the policy's kept
@@ -264,6 +265,7 @@ class PolicyCache(KVCache):
         self.sharding = None
         self._routing: dict = {}
         self.allow: list | None = None  # per kv-head (Tr, S) sharding visibility of the current step
+        self._read_sum, self._read_n = 0.0, 0
 
     def __len__(self) -> int:
         return 0 if self.store[0] is None else max(len(s["pos"]) for row in self.store[0] for s in row)
@@ -271,6 +273,10 @@ class PolicyCache(KVCache):
     def bytes_stored(self) -> int:
         """Every tensor the cache holds: keys, values, positions, shard membership and sums, policy state."""
         return tensor_bytes(self.store) + tensor_bytes(self.extra)
+
+    def read_fraction(self) -> float:
+        """Mean over every real query (all layers and kv-heads) of keys read / keys before it (itself included)."""
+        return self._read_sum / max(self._read_n, 1)
 
     def rollback(self, keep_until: Tensor) -> None:
         raise NotImplementedError(
@@ -361,10 +367,15 @@ class PolicyCache(KVCache):
                 n_all = len(p_all[h])
                 m = torch.zeros(tq, n_all + len(pad_rows), dtype=torch.bool, device=k.device)
                 m[real, :n_all] = r_h
+                self._read_sum += float((r_h.sum(-1) / (p_all[h][n_old[h]:] + 1)).sum())
+                self._read_n += int(r_h.shape[0])
                 m[pad_rows, n_all + torch.arange(len(pad_rows), device=k.device)] = True
-                keys.append(torch.cat([k_all[h], k[bi, h][~real]]))
-                vals.append(torch.cat([v_all[h], v[bi, h][~real]]))
-                masks.append(m)
+                # Gather only the keys some new query reads (a decode step: exactly its visible keys), so
+                # attention touches the query's shards / selected pages / kept keys and nothing else.
+                cols = m.any(0)
+                keys.append(torch.cat([k_all[h], k[bi, h][~real]])[cols])
+                vals.append(torch.cat([v_all[h], v[bi, h][~real]])[cols])
+                masks.append(m[:, cols])
         self.allow = None
         s_max = max(x.shape[0] for x in keys)
         pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, s_max - x.shape[0]))  # noqa: E731
