@@ -1,4 +1,9 @@
-"""Inference cache with real per-shard storage for expert-sharded KV (SPEC §3).
+"""Inference cache with real per-shard storage for expert-sharded KV (SPEC §3): the physical layout.
+
+This is the layout for placing shards on expert-parallel devices: a key is copied into each shard of
+its experts. The deployed cache (``Decoder.new_cache()``, :mod:`pikv_train.cache.compose`) instead stores
+each key once per (sequence, kv-head) with its shard membership and composes with every cache policy;
+both read exactly what the training mask shows.
 
 Per sharded layer l (l >= 1, the previous layer being MoE) the cache holds:
 
@@ -48,7 +53,7 @@ class _LayerStore:
         self.shard_v = [z(0) for _ in range(n_shards)]
         self.shard_pos = [torch.full((b, 0), -1, dtype=torch.long, device=device) for _ in range(n_shards)]
         self.shard_mem = [torch.zeros(b, 0, n_shards, dtype=torch.bool, device=device) for _ in range(n_shards)]
-        self.key_sum = torch.zeros(b, h, n_shards, hd, dtype=torch.float32, device=device)
+        self.key_sum = torch.zeros(b, h, n_shards, hd, dtype=torch.float64, device=device)
         self.key_cnt = torch.zeros(b, n_shards, dtype=torch.long, device=device)
 
     def entries(self) -> tuple[int, int]:
@@ -136,8 +141,8 @@ class ShardedKVCache(KVCache):
         if cfg.read_mode == "by_routing":
             reads = member[:, None]
         else:
-            mf = member.float()
-            key_sum = st.key_sum[:, :, None] + torch.einsum("bts,bhtd->bhtsd", mf, k.float()).cumsum(2)
+            mf = member.double()
+            key_sum = st.key_sum[:, :, None] + torch.einsum("bts,bhtd->bhtsd", mf, k.double()).cumsum(2)
             key_cnt = st.key_cnt[:, None] + member.long().cumsum(1)
             reads = top_shards(shard_scores(group_queries(q, h), key_sum, key_cnt), self.n_read)
             st.key_sum, st.key_cnt = key_sum[:, :, -1], key_cnt[:, -1]
@@ -198,8 +203,8 @@ class ShardedKVCache(KVCache):
                 gone = (pos > keep) & (pos >= 0)  # (B, n)
                 if not bool(gone.any()):
                     continue
-                m = (mem & gone[..., None]).float()  # (B, n, S)
-                st.key_sum -= torch.einsum("bns,bhnd->bhsd", m, k.float())
+                m = (mem & gone[..., None]).double()  # (B, n, S)
+                st.key_sum -= torch.einsum("bns,bhnd->bhsd", m, k.double())
                 st.key_cnt -= m.sum(1).long()
             st.sink_pos = torch.where(st.sink_pos > keep, -1, st.sink_pos)
             st.win_pos = torch.where(st.win_pos > keep, -1, st.win_pos)

@@ -21,7 +21,9 @@ AdaptiveRouter a token with a smaller k occupies fewer shards. ``R_t`` (``read_m
 
 Both are causal: row t depends on routing / keys of positions <= t only.
 
-The inference side (per-shard storage) is :class:`pikv_train.cache.sharded_cache.ShardedKVCache`.
+The inference side: the deployed cache (``Decoder.new_cache()``) stores each key once with its membership
+and composes with the cache policy (:mod:`pikv_train.cache.compose`, ``PolicyCache``);
+:class:`pikv_train.cache.sharded_cache.ShardedKVCache` is the per-shard physical layout (a copy per shard).
 """
 
 from __future__ import annotations
@@ -93,13 +95,14 @@ def shard_scores(q_group: Tensor, key_sum: Tensor, key_cnt: Tensor) -> Tensor:
 
     Args:
         q_group: (B, H_kv, T, hd) group-summed queries.
-        key_sum: (B, H_kv, T, S, hd) causal per-shard key sums (keys <= t).
+        key_sum: (B, H_kv, T, S, hd) causal per-shard key sums (keys <= t), float64.
         key_cnt: (B, T, S) causal per-shard key counts.
     Returns:
-        (B, H_kv, T, S) fp32 scores.
+        (B, H_kv, T, S) float64 scores (summaries and scores in float64 so that the training mask's cumulative
+        sums and the caches' running sums choose the same shards).
     """
     mean = key_sum / key_cnt.clamp_min(1)[:, None, :, :, None].to(key_sum.dtype)
-    sc = torch.einsum("bhtd,bhtsd->bhts", q_group.float(), mean.float())
+    sc = torch.einsum("bhtd,bhtsd->bhts", q_group.double(), mean.double())
     return sc.masked_fill((key_cnt == 0)[:, None], float("-inf"))
 
 
@@ -120,7 +123,7 @@ def shard_visibility(q_pos: Tensor, k_pos: Tensor, k_mem: Tensor, reads: Tensor,
 def group_queries(q: Tensor, n_kv_head: int) -> Tensor:
     """(B, H, T, hd) -> (B, H_kv, T, hd): sum of the query heads that share each kv-head."""
     b, h, t, hd = q.shape
-    return q.float().view(b, n_kv_head, h // n_kv_head, t, hd).sum(2)
+    return q.double().view(b, n_kv_head, h // n_kv_head, t, hd).sum(2)
 
 
 def batched_reads(sharding: "ExpertShardedKV", q: Tensor, k: Tensor, member: Tensor, state: dict) -> Tensor:
@@ -135,9 +138,9 @@ def batched_reads(sharding: "ExpertShardedKV", q: Tensor, k: Tensor, member: Ten
         return member[:, None]
     b, h, tq, hd = k.shape
     if "key_sum" not in state:
-        state["key_sum"] = torch.zeros(b, h, sharding.n_shards, hd, dtype=torch.float32, device=k.device)
+        state["key_sum"] = torch.zeros(b, h, sharding.n_shards, hd, dtype=torch.float64, device=k.device)
         state["key_cnt"] = torch.zeros(b, sharding.n_shards, dtype=torch.long, device=k.device)
-    key_sum = state["key_sum"][:, :, None] + torch.einsum("bts,bhtd->bhtsd", member.float(), k.float()).cumsum(2)
+    key_sum = state["key_sum"][:, :, None] + torch.einsum("bts,bhtd->bhtsd", member.double(), k.double()).cumsum(2)
     key_cnt = state["key_cnt"][:, None] + member.long().cumsum(1)
     state["key_sum"], state["key_cnt"] = key_sum[:, :, -1], key_cnt[:, -1]
     return top_shards(shard_scores(group_queries(q, h), key_sum, key_cnt), sharding.n_read)
@@ -147,9 +150,9 @@ class ExpertShardedKV(AttentionHook):
     """Training-forward hook: the SPEC §3 visibility mask from layer l-1 routing (see module docstring).
 
     Adds to ``ctx.stats``: ``router/kv_read_fraction`` (mean over sharded layers, queries and kv-heads of
-    visible keys / causal keys) and ``router/kv_bytes_per_token`` (K/V bytes a sharded cache stores per
-    token over all layers: one copy per shard of S_j on sharded layers, one copy on unsharded layers;
-    sinks and window copies of the inference cache are bounded and not counted here).
+    visible keys / causal keys) and ``router/kv_bytes_per_token`` (K/V bytes the deployed cache stores per
+    token over all layers: one copy of the key and value, plus one membership flag per shard and kv-head
+    on sharded layers).
     """
 
     def __init__(self, cfg: ShardingConfig, n_experts: int, top_k: int, n_kv_head: int, head_dim: int):
@@ -162,7 +165,8 @@ class ExpertShardedKV(AttentionHook):
         self.head_dim = head_dim
 
     def new_cache(self, n_layer: int):
-        """An inference cache implementing the same rule with per-shard storage."""
+        """An inference cache implementing the same rule with per-shard storage (a copy of a key in each of
+        its shards: the expert-parallel layout). ``Decoder.new_cache()`` deploys the single-copy cache."""
         from pikv_train.cache.sharded_cache import ShardedKVCache
 
         return ShardedKVCache(n_layer, self.cfg, self.n_experts, self.n_read)
@@ -189,7 +193,7 @@ class ExpertShardedKV(AttentionHook):
             if self.cfg.read_mode == "by_routing":
                 mask = shard_visibility(pos, pos, member, member, self.cfg.n_sink, self.cfg.window)[:, None]
             else:
-                key_sum = torch.einsum("bjs,bhjd->bhjsd", member.float(), k.float()).cumsum(2)  # (B, H_kv, T, S, hd)
+                key_sum = torch.einsum("bjs,bhjd->bhjsd", member.double(), k.double()).cumsum(2)  # (B, H_kv, T, S, hd)
                 key_cnt = member.long().cumsum(1)  # (B, T, S)
                 reads = top_shards(shard_scores(group_queries(q, self.n_kv_head), key_sum, key_cnt), self.n_read)
                 mask = shard_visibility(pos[:, None], pos[:, None], member[:, None], reads,
@@ -200,8 +204,8 @@ class ExpertShardedKV(AttentionHook):
             old = stats.get("router/kv_read_fraction", frac.new_zeros(()))
             stats["router/kv_read_fraction"] = (old * n + frac) / (n + 1)
             stats["_kv_sharded_layers"] = n + 1
-            copies = member.float().sum(-1).mean()
-            stats["router/kv_bytes_per_token"] = stats.get("router/kv_bytes_per_token", 0.0) + copies * per_tok
+            flags = k.shape[1] * self.n_shards  # one bool per shard in each kv-head's store
+            stats["router/kv_bytes_per_token"] = stats.get("router/kv_bytes_per_token", 0.0) + per_tok + flags
         return mask
 
 

@@ -77,6 +77,8 @@ class CausalSelfAttention(nn.Module):
         if y is None:
             y = attend(q, k, v, mask, self.n_head // self.n_kv_head)
         if ctx is not None and getattr(ctx, "want_attention_probs", False) and cache is None:
+            if mask is None and ctx.scratch.get("policy_dense_mask") is not None:
+                mask = ctx.scratch["policy_dense_mask"]()  # FlexAttention path: the same visibility, densely
             ctx.attention_probs = attention_probs(q, k, mask, self.n_head // self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 

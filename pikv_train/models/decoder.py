@@ -115,15 +115,19 @@ class Decoder(nn.Module):
         """Place keys in expert shards and read them through routing (None = unsharded)."""
         self.kv_sharding = sharding
 
-    def new_cache(self, seq_len: int | None = None):
+    def new_cache(self, n_layer: int | None = None, *, seq_len: int | None = None):
         """The inference cache this model is deployed with: its cache policy, KV sharding (and KV
         compression) composed, as trained (SPEC §7). Every generation path builds its cache here.
 
         Args:
+            n_layer: accepted so that ``generate(..., cache_factory=model.new_cache)`` works; must equal
+                the model's.
             seq_len: reference length of a fractional budget (default: the policy's fixed reference length).
         """
         from pikv_train.cache.compose import deployed_cache
 
+        if n_layer is not None and n_layer != self.cfg.n_layer:
+            raise ValueError(f"new_cache(n_layer={n_layer}) but the model has {self.cfg.n_layer} layers")
         return deployed_cache(self, seq_len)
 
     @property

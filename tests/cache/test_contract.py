@@ -110,3 +110,33 @@ def test_decoding_with_the_deployed_cache_equals_the_training_forward(case):
         model.set_kv_sharding(None)
         with torch.no_grad():
             assert float((model.logits(model(x).hidden) - train).abs().max()) > 1e-3 * scale
+
+
+LENGTHS = [  # (policy, budget, chunk, reference length L, sequence length T): L not a multiple of the page or
+    # the chunk, sequences longer and shorter than L (the policy must act past L even at budget 1.0)
+    ("quest", 1.0, 4, 50, 50), ("quest", 0.5, 4, 50, 50), ("h2o", 1.0, 5, 30, 48), ("lru", 0.5, 4, 30, 48),
+    ("lru_plus", 1.0, 1, 30, 48), ("ada_kv", 1.0, 5, 30, 48), ("streaming_llm", 1.0, 4, 30, 48),
+    ("h2o", 0.5, 5, 64, 40), ("ada_kv", 0.25, 4, 64, 40),
+]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("policy,budget,chunk,ref,t", LENGTHS, ids=lambda v: str(v))
+def test_decoding_equals_training_when_the_sequence_and_the_reference_length_differ(policy, budget, chunk, ref, t):
+    case = dict(policy="full", budget=budget, chunk=chunk, sharding="by_score", kv_bits=0, router="topk_balanced")
+    model = _build(case)
+    model.cfg.max_seq_len = 64
+    model.rotary = type(model.rotary)(model.cfg.head_dim, 64, model.cfg.rope_base)
+    model.set_cache_policy(build_policy(CacheConfig(
+        policy=policy, budget=budget, chunk_size=chunk, n_sink=2, page_size=16 if policy == "quest" else 4,
+        quest_dense_layers=1, snap_window=6, snap_kernel=3, reference_len=ref), model.cfg))
+    x = torch.randint(0, 258, (2, t), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = model.logits(model(x).hidden)
+        dec = decode_tokenwise(model, model.new_cache(), x, PREFILL)
+        model.set_cache_policy(None)
+        unrestricted = model.logits(model(x).hidden)
+    scale = float(train.abs().max())
+    torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
+    assert float((unrestricted - train).abs().max()) > 1e-3 * scale  # the policy acts at these lengths

@@ -63,8 +63,8 @@ def test_bytes_stored_counts_positions_and_policy_state():
         decode_tokenwise(model, cache, x, 4)
     stored = sum(int(cache.head_lengths(i).sum()) for i in range(model.cfg.n_layer))
     assert stored == model.cfg.n_layer * model.cfg.n_kv_head * 8  # the budget: 8 keys per head
-    # K/V + position + H2O's track (position, index, importance, frequency, last use, keep flag) per key.
-    assert cache.bytes_stored() == stored * (2 * model.cfg.head_dim * 4 + 8 + 8 + 8 + 3 * 8 + 1)
+    # K/V + position + H2O's track (position, index, accumulated attention, keep flag) per key.
+    assert cache.bytes_stored() == stored * (2 * model.cfg.head_dim * 4 + 8 + 8 + 8 + 8 + 1)
 
 
 def test_sharded_deployed_cache_stores_each_key_once():
@@ -129,3 +129,65 @@ def test_duo_attention_penalty_keeps_its_weight_when_router_losses_are_off():
     gates = task.student.cache_policy.gates
     # d/dg of 0.5 * mean|g| with g = 1: 0.5 / n_gates each (the L1 term alone, the KD term is zero)
     torch.testing.assert_close(gates.grad, torch.full_like(gates, 0.5 / gates.numel()))
+
+
+def test_duo_attention_soft_gate_statistics_are_the_streaming_view_on_every_path():
+    model = _moe(n_layer=2)
+    model.set_cache_policy(build_policy(CacheConfig(policy="duo_attention", budget=8, n_sink=2), model.cfg))
+    model.train()
+    x = torch.randint(0, 258, (2, T))
+    with torch.no_grad():
+        ref = model(x).stats
+        model.cache_policy.use_flex = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flex = model(x).stats
+    n = torch.arange(1, T + 1, dtype=torch.float32)
+    expected = (n.clamp(max=8) / n).mean()  # 2 sinks + 6 recent keys per row
+    torch.testing.assert_close(torch.as_tensor(ref["cache/kept_fraction"]), expected)
+    torch.testing.assert_close(torch.as_tensor(flex["cache/kept_fraction"]), expected)
+
+
+def test_flexgen_cache_with_sharding_refuses_rollback():
+    model = _moe()
+    model.set_kv_sharding(build_sharding(ShardingConfig(enabled=True, read_mode="by_score", read_shards=1), model.cfg))
+    model.set_cache_policy(build_policy(CacheConfig(policy="flexgen", budget=8), model.cfg))
+    cache = model.new_cache()
+    with torch.no_grad():
+        decode_tokenwise(model, cache, torch.randint(0, 258, (1, 12)), 12)
+    with pytest.raises(NotImplementedError, match="snapshot"):
+        cache.rollback(torch.tensor([5]))
+
+
+def test_new_cache_works_as_a_cache_factory():
+    model = _moe()
+    model.set_cache_policy(build_policy(CacheConfig(policy="h2o", budget=0.25), model.cfg))
+    assert model.new_cache(model.cfg.n_layer).budget == 8  # n_layer is not taken for a reference length
+    with pytest.raises(ValueError, match="layers"):
+        model.new_cache(2)
+
+
+def test_a_chunk_size_above_the_recent_window_warns():
+    pol = build_policy(CacheConfig(policy="lru", budget=16, chunk_size=32), ModelConfig.preset("nano"))
+    with pytest.warns(UserWarning, match="chunk_size=32 exceeds the recent window"):
+        assert pol.sizes(16)[3] == 6  # 4 sinks, then 12 keys split into a window of 6 and 6 heavy slots
+
+
+def test_pikv_importance_target_is_the_same_on_the_flexattention_path():
+    """PiKVRouter's importance head regresses on the attention mass under the policy's mask on every device."""
+    from pikv_train.routing import RouterConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=T,
+                      moe=MoEConfig(n_experts=4, d_expert=32, router=RouterConfig(name="pikv", top_k=2, k_min=1)))
+    model = Decoder(cfg)
+    model.set_cache_policy(build_policy(CacheConfig(policy="h2o", budget=0.25, chunk_size=4), cfg))
+    model.train()
+    x = torch.randint(0, 258, (2, T))
+    with torch.no_grad():
+        ref = [r.losses["importance"] for r in model(x).routing]
+        model.cache_policy.use_flex = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flex = [r.losses["importance"] for r in model(x).routing]
+    torch.testing.assert_close(torch.stack(flex), torch.stack(ref), rtol=1e-5, atol=0)

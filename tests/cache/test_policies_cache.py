@@ -66,9 +66,10 @@ def test_caches_store_only_the_budget():
             assert lengths.max() <= 12, name
         hd = model.cfg.head_dim
         # Per-head storage, no fake keys: K/V (fp32) + an int64 position per stored key, plus the policy's state
-        # (H2O/LRU/LRU+: position, index, three float64 statistics and a keep flag per key; AdaKV: the keep
+        # (H2O: position, index, accumulated attention, keep flag; LRU/LRU+ also frequency and last use; AdaKV: the keep
         # flags and the observation window's queries).
-        per_key = {"streaming_llm": 2 * hd * 4 + 8, "ada_kv": 2 * hd * 4 + 8 + 1}.get(name, 2 * hd * 4 + 8 + 8 + 8 + 3 * 8 + 1)
+        per_key = {"streaming_llm": 2 * hd * 4 + 8, "ada_kv": 2 * hd * 4 + 8 + 1,
+                   "h2o": 2 * hd * 4 + 8 + 8 + 8 + 8 + 1}.get(name, 2 * hd * 4 + 8 + 8 + 8 + 3 * 8 + 1)
         extra = 0
         if name == "ada_kv":
             extra = sum(s["qwin"][0].numel() * 4 + s["qwin"][1].numel() * 8 for layer in cache.store for row in layer for s in row)

@@ -62,7 +62,7 @@ class AdaKVCache(PolicyCache):
         rows = [torch.zeros(n_new, len(p), dtype=torch.bool, device=dev) for p in p_all]
         for r in range(n_new):
             t = int(p_all[0][n_old[0] + r])
-            if t > 0 and t % c == 0:  # boundary: SnapKV scores of the stored keys, AdaKV allocation
+            if t > 0 and pol.is_boundary(t, c, self.ref_len):  # SnapKV scores of the stored keys, AdaKV allocation
                 scores = torch.full((hkv, t), float("-inf"), dtype=torch.float64, device=dev)
                 for h, st in enumerate(states):
                     pos = p_all[h][idx[h]]
@@ -104,20 +104,21 @@ class AdaKVScheduler(CachePolicy):
         """(window w, selected per head on average, chunk C, per-head floor)."""
         w = max(1, min(self.cfg.snap_window, budget // 2))
         hh = budget - w
-        return w, hh, max(1, min(self.cfg.chunk_size, w)), max(0, int(self.cfg.ada_alpha * budget) - w)
+        return w, hh, self.capped_chunk(w), max(0, int(self.cfg.ada_alpha * budget) - w)
 
     @torch.no_grad()
     def keep_per_chunk(self, q, k, budget):
         b, hkv, t, hd = k.shape
         w, hh, c, floor = self.sizes(budget)
-        n_c = -(-t // c)
+        starts = self.chunk_starts(t, c)
+        n_c = len(starts)
         qg = q.double().view(b, hkv, q.shape[1] // hkv, t, hd)
         kd = k.double()
         j = torch.arange(t, device=q.device)
         keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=q.device)
         out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=q.device)
         for ci in range(1, n_c):
-            s0 = ci * c
+            s0 = starts[ci]
             stored = keep | ((j >= s0 - w) & (j < s0))
             cand = keep | ((j >= s0 - w) & (j < self.chunk_end(s0, c) - w))  # previous selection + keys leaving the window
             wr = j[max(0, s0 - w): s0]
@@ -133,8 +134,9 @@ class AdaKVScheduler(CachePolicy):
         t = q.shape[2]
         keep_c, (w, c) = self.keep_per_chunk(q, k, budget)
         i = torch.arange(t, device=q.device)
-        return causal_mask(t, q.device) & ((i[:, None] - i[None] < w) | keep_c[:, :, i // c])
+        return causal_mask(t, q.device) & ((i[:, None] - i[None] < w) | keep_c[:, :, self.row_chunks(t, c, q.device)])
 
     def mask_mod(self, q, k, ctx, budget):
         keep_c, (w, c) = self.keep_per_chunk(q, k, budget)
-        return lambda b, h, qi, ki: (qi - ki < w) | keep_c[b, h, qi // c, ki]
+        rc = self.row_chunks(q.shape[2], c, q.device)
+        return lambda b, h, qi, ki: (qi - ki < w) | keep_c[b, h, rc[qi], ki]

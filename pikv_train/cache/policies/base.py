@@ -103,16 +103,46 @@ class CachePolicy(AttentionHook):
         """The budget in tokens: against ``seq_len`` if given, else the fixed reference length."""
         return resolve_budget(self.cfg.budget, seq_len or self.reference_len)
 
+    # Chunk-sequential policies decide at boundaries: multiples of C below the reference length L, then L
+    # and L + multiples of C. L is a boundary, so a budget of L drops nothing in rows < L whatever C is,
+    # and rows past L follow the same rule with no key left out of the competition.
+    def chunk_starts(self, t: int, c: int, ref_len: int | None = None) -> list[int]:
+        """Start rows of the chunks covering rows [0, t)."""
+        ref = ref_len or self.reference_len
+        if ref is None or t <= ref:
+            return list(range(0, t, c))
+        return list(range(0, ref, c)) + list(range(ref, t, c))
+
+    def is_boundary(self, t: int, c: int, ref_len: int | None = None) -> bool:
+        """Whether row t starts a chunk (decisions are taken before it reads)."""
+        ref = ref_len or self.reference_len
+        return t % c == 0 if ref is None or t < ref else (t - ref) % c == 0
+
     def chunk_end(self, s0: int, c: int, ref_len: int | None = None) -> int:
-        """One past the last row of the chunk that starts at s0, capped at the reference length: keys that
-        cannot leave the window before row L - 1 never compete for kept slots (budget L drops nothing)."""
+        """One past the last row of the chunk that starts at s0 (the next boundary)."""
         ref = ref_len or self.reference_len
         return min(s0 + c, ref) if ref is not None and s0 < ref else s0 + c
 
-    def inert(self, budget: int) -> bool:
-        """True when the budget covers the reference length: the policy cannot change any row."""
+    def capped_chunk(self, window: int) -> int:
+        """``cache.chunk_size`` capped at the recent window (every key must be a candidate before it leaves
+        the window); warns once when the cap applies, since the configured value then does nothing."""
+        c = max(1, min(self.cfg.chunk_size, window))
+        if c < self.cfg.chunk_size and not getattr(self, "_warned_chunk", False):
+            self._warned_chunk = True
+            warnings.warn(f"cache.chunk_size={self.cfg.chunk_size} exceeds the recent window of {window} tokens at "
+                          f"this budget; decisions are taken every {c} tokens", stacklevel=3)
+        return c
+
+    def row_chunks(self, t: int, c: int, device) -> Tensor:
+        """(T,) index of the chunk each row belongs to (into ``chunk_starts(t, c)``)."""
+        starts = torch.tensor(self.chunk_starts(t, c), device=device)
+        return torch.bucketize(torch.arange(t, device=device), starts, right=True) - 1
+
+    def inert(self, budget: int, t: int) -> bool:
+        """True when the budget covers the reference length and the forward is no longer than it: the
+        policy cannot change any row, in training or in the cache."""
         ref = self.reference_len
-        return self.skips_when_budget_covers and ref is not None and budget >= ref
+        return self.skips_when_budget_covers and ref is not None and budget >= ref and t <= ref
 
     # ------------------------------------------------------------------ training
     def mask(self, q: Tensor, k: Tensor, ctx: AttentionContext, budget: int) -> Tensor | None:
@@ -132,15 +162,17 @@ class CachePolicy(AttentionHook):
 
     def training_mask(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> Tensor | None:
         budget = self.budget_tokens()
-        if self.inert(budget):
+        if self.inert(budget, q.shape[2]):
             self._warn_inert(budget)
             self.log_stats(ctx, None, budget, k)
             return None
-        if self._flex(q):
+        if self._flex(q) and getattr(ctx, "prior_mask", None) is None:
             # The mask is built as a FlexAttention block mask in ``attend``; statistics from the same mask_mod.
             mm = self.mask_mod(q, k, ctx, budget)
             ctx.scratch["policy_mask_mod"] = mm
             b, hkv, t, _ = k.shape
+            if mm is not None:  # for detached attention targets (PiKVRouter's importance head): the same mask
+                ctx.scratch["policy_dense_mask"] = lambda: dense_from_mask_mod(mm, b, hkv, t, k.device)
             self.log_stats(ctx, None if mm is None else counts_from_mask_mod(mm, b, hkv, t, k.device), budget, k)
             return None
         m = self.mask(q, k, ctx, budget)
@@ -148,18 +180,13 @@ class CachePolicy(AttentionHook):
         return m
 
     def attend(self, q, k, v, mask, ctx):
-        if not self._flex(q):
-            return None
-        budget = self.budget_tokens()
-        if self.inert(budget):
+        # FlexAttention only when ``training_mask`` left the mask to it; with another hook's dense mask
+        # (sharding) ours was built densely and ANDed in already, and SDPA runs the result.
+        if not self._flex(q) or mask is not None or "policy_mask_mod" not in ctx.scratch:
             return None
         from pikv_train.cache.policies.flex import flex_attend
 
-        if mask is not None:  # another hook produced a dense mask: AND ours in and use SDPA
-            m = self.mask(q, k, ctx, budget)
-            return None if m is None else _sdpa(q, k, v, mask & m)
-        mm = ctx.scratch.pop("policy_mask_mod", None) if "policy_mask_mod" in ctx.scratch else self.mask_mod(q, k, ctx, budget)
-        return flex_attend(q, k, v, mm)
+        return flex_attend(q, k, v, ctx.scratch["policy_mask_mod"])
 
     def mask_mod(self, q: Tensor, k: Tensor, ctx: AttentionContext, budget: int):
         """FlexAttention form: ``f(b, h_kv, q_idx, kv_idx) -> bool`` (causality is added by the caller).
@@ -216,6 +243,16 @@ class CachePolicy(AttentionHook):
         return cache
 
     cache_cls: type = None  # set by subclasses
+
+
+@torch.no_grad()
+def dense_from_mask_mod(mask_mod, b: int, hkv: int, t: int, device) -> Tensor:
+    """(B, H_kv, T, T) bool ``causal ∧ mask_mod`` (only where a dense (T, T) tensor is built anyway)."""
+    bi = torch.arange(b, device=device)[:, None, None, None]
+    hi = torch.arange(hkv, device=device)[None, :, None, None]
+    qi = torch.arange(t, device=device)[None, None, :, None]
+    ki = torch.arange(t, device=device)[None, None, None, :]
+    return ((ki <= qi) & mask_mod(bi, hi, qi, ki)).expand(b, hkv, t, t)
 
 
 @torch.no_grad()
@@ -322,14 +359,14 @@ class PolicyCache(KVCache):
         if sh.cfg.read_mode == "by_routing":
             reads = mem_new
         else:
-            mf = mem_new.float()
+            mf = mem_new.double()
             if "ksum" not in st:
-                st["ksum"] = k_new.new_zeros(sh.n_shards, k_new.shape[-1], dtype=torch.float32)
+                st["ksum"] = k_new.new_zeros(sh.n_shards, k_new.shape[-1], dtype=torch.float64)
                 st["kcnt"] = torch.zeros(sh.n_shards, dtype=torch.long, device=k_new.device)
-            key_sum = st["ksum"][None] + torch.einsum("ts,td->tsd", mf, k_new.float()).cumsum(0)  # (Tr, S, hd)
+            key_sum = st["ksum"][None] + torch.einsum("ts,td->tsd", mf, k_new.double()).cumsum(0)  # (Tr, S, hd)
             key_cnt = st["kcnt"][None] + mem_new.long().cumsum(0)  # (Tr, S)
-            mean = key_sum / key_cnt.clamp_min(1)[..., None].float()
-            sc = torch.einsum("td,tsd->ts", qg.float(), mean).masked_fill(key_cnt == 0, float("-inf"))
+            mean = key_sum / key_cnt.clamp_min(1)[..., None].double()
+            sc = torch.einsum("td,tsd->ts", qg.double(), mean).masked_fill(key_cnt == 0, float("-inf"))
             reads = top_shards(sc, sh.n_read)
             st["ksum"], st["kcnt"] = key_sum[-1], key_cnt[-1]
         mem_all = torch.cat([st["mem"], mem_new]) if "mem" in st else mem_new
@@ -354,7 +391,7 @@ class PolicyCache(KVCache):
             qb = q[bi].view(hkv, g, tq, hd)[:, :, real]  # (H_kv, g, Tr, hd)
             self.allow = None
             if member is not None:
-                self.allow = [self._shard_allow(s, qb[h].float().sum(0), k[bi, h][real], member[bi][real],
+                self.allow = [self._shard_allow(s, qb[h].double().sum(0), k[bi, h][real], member[bi][real],
                                                 q_pos[bi][real], p_all[h]) for h, s in enumerate(sts)]
             rows, keeps = self._step_b(layer_idx, sts, qb, k_all, p_all, n_old)
             for h, s in enumerate(sts):

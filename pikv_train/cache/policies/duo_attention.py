@@ -103,11 +103,11 @@ class DuoAttentionScheduler(CachePolicy):
         ctx.stats[f"cache/duo_gate_l{ctx.layer_idx}"] = g[ctx.layer_idx].detach().mean()
         return m
 
-    def log_stats(self, ctx, m, budget, k):
-        if m is None and not self._hard():  # soft: report the streaming heads' view
-            t = k.shape[2]
-            m = streaming_mask(t, budget, self.cfg.n_sink, k.device)[None, None]
-        super().log_stats(ctx, m, budget, k)
+    def log_stats(self, ctx, vis, budget, k):
+        if not self._hard():  # soft gates: report the streaming heads' view, on every device
+            b, hkv, t, _ = k.shape
+            vis = streaming_mask(t, budget, self.cfg.n_sink, k.device).sum(-1).expand(b, hkv, t)
+        super().log_stats(ctx, vis, budget, k)
 
     def attend(self, q, k, v, mask, ctx):
         if self._hard():

@@ -188,6 +188,11 @@ class FlexGenCache(KVCache):
         return keys, values, mask
 
     def rollback(self, keep_until: Tensor) -> None:
+        if self.sharding is not None:
+            raise NotImplementedError(
+                "FlexGenCache with expert sharding cannot roll back by hiding positions (the shard summaries "
+                "include the discarded keys); take cache.snapshot() before the speculative tokens and restore() it"
+            )
         for parts in (self.device_part, self.host_part):
             for p in parts:
                 if p is not None:

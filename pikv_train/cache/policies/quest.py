@@ -80,6 +80,11 @@ class QuestScheduler(CachePolicy):
         super().bind(model_cfg)
         self._check_layers(model_cfg)
 
+    def inert(self, budget: int, t: int) -> bool:
+        """Quest drops pages only when a row has more earlier complete pages than it may read."""
+        ref, page = self.reference_len, self.cfg.page_size
+        return ref is not None and t <= ref and budget >= page and budget // page - 1 >= (ref - 1) // page
+
     def _check_layers(self, model_cfg) -> None:
         if model_cfg.n_layer <= self.cfg.quest_dense_layers:
             warnings.warn(

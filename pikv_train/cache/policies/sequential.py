@@ -1,9 +1,11 @@
 """Chunk-sequential eviction shared by H2O, LRU and LRU+ (SPEC §4, §7, anchors §2.1/§2.5).
 
-Row i of chunk c (rows [cC, (c+1)C)) reads ``sinks ∪ recent window (i - j < R) ∪ keep_c``. At each
-boundary s0 = cC the candidates are ``keep_{c-1}`` plus the keys that leave the recent window during
-chunk c (``s0 - R <= j < e - R`` with e = min(s0 + C, L), L the fixed reference length: still in the
-window of row s0 - 1, gone by row e - 1); ``keep_c`` is the top ``H`` candidates by the policy's score.
+Rows are cut into chunks at boundaries: the multiples of C below the fixed reference length L, then L and
+L + multiples of C (L is a boundary, so a budget of L drops nothing whatever C is). Row i of chunk c
+(rows [s0, e)) reads ``sinks ∪ recent window (i - j < R) ∪ keep_c``. At each boundary s0 the candidates
+are ``keep_{c-1}`` plus the keys that leave the recent window during chunk c (``s0 - R <= j < e - R``:
+still in the window of row s0 - 1, gone by row e - 1); ``keep_c`` is the top ``H`` candidates by the
+policy's score.
 Keys that stay in the window for the whole chunk are decided at a later boundary, so no heavy slot is
 spent on a key the window shows anyway (with budget = L nothing is ever dropped). A candidate not kept
 leaves as soon as it exits the window and never comes back (C3). Budget split: ``s`` sinks, ``R``
@@ -49,16 +51,21 @@ class SeqTrack:
         self.s, self.r, self.h, self.c = policy.sizes(budget)
         z = lambda dt: torch.zeros(0, dtype=dt, device=device)  # noqa: E731
         self.pos, self.idx = z(torch.long), z(torch.long)
-        self.imp, self.freq, self.last = z(torch.float64), z(torch.float64), z(torch.float64)
+        self.imp = z(torch.float64)
+        # Frequency and last use only for the policies that score by them (LRU, LRU+), not H2O.
+        self.stats = ("imp", "freq", "last") if policy.uses_use_signal else ("imp",)
+        self.freq = self.last = None
+        if policy.uses_use_signal:
+            self.freq, self.last = z(torch.float64), z(torch.float64)
         self.keep = z(torch.bool)
 
     def _select(self, sel: Tensor) -> None:
-        for name in ("pos", "idx", "imp", "freq", "last", "keep"):
+        for name in ("pos", "idx", "keep") + self.stats:
             setattr(self, name, getattr(self, name)[sel])
 
     def step(self, t: int, idx: int) -> None:
         """Boundary decision (if t is one), append key t, drop keys row t cannot read (they never return)."""
-        if t > 0 and t % self.c == 0:
+        if t > 0 and self.policy.is_boundary(t, self.c, self.ref_len):
             end = self.policy.chunk_end(t, self.c, self.ref_len)
             cand = (self.pos >= self.s) & (self.pos < end - self.r)  # keep ∪ keys leaving the window
             sc = self.policy.score(self.imp, self.freq, self.last, self.pos, t, cand).masked_fill(~cand, NEG)
@@ -66,7 +73,7 @@ class SeqTrack:
         dev = self.pos.device
         self.pos = torch.cat([self.pos, torch.tensor([t], device=dev)])
         self.idx = torch.cat([self.idx, torch.tensor([idx], device=dev)])
-        for name, v in (("imp", 0.0), ("freq", 0.0), ("last", float(t))):
+        for name, v in (("imp", 0.0), ("freq", 0.0), ("last", float(t)))[: len(self.stats)]:
             setattr(self, name, torch.cat([getattr(self, name), torch.tensor([v], dtype=torch.float64, device=dev)]))
         self.keep = torch.cat([self.keep, torch.zeros(1, dtype=torch.bool, device=dev)])
         self._select((self.pos < self.s) | (t - self.pos < self.r) | self.keep)
@@ -74,8 +81,9 @@ class SeqTrack:
     def accumulate(self, t: int, p: Tensor, used: Tensor) -> None:
         """Row t's attention p over the stored (= visible) keys, and which of them it used."""
         self.imp = self.imp + p.double()
-        self.freq = self.freq + used.double()
-        self.last = torch.where(used, float(t), self.last)
+        if self.freq is not None:
+            self.freq = self.freq + used.double()
+            self.last = torch.where(used, float(t), self.last)
 
 
 class SeqCache(PolicyCache):
@@ -94,7 +102,8 @@ class SeqCache(PolicyCache):
             vis = torch.ones(len(tr.idx), dtype=torch.bool, device=k_all.device) if allow is None else allow[r, tr.idx]
             logits = (q[:, r].double() / math.sqrt(k_all.shape[-1])) @ k_all[tr.idx].double().t()  # (g, S_vis)
             p = logits.masked_fill(~vis, NEG).softmax(-1).mean(0)  # (S_vis,)
-            tr.accumulate(t, p, used_by_rows(p, cfg.lru_threshold, cfg.lru_top_m) & vis)
+            used = used_by_rows(p, cfg.lru_threshold, cfg.lru_top_m) & vis if tr.freq is not None else None
+            tr.accumulate(t, p, used)
             rows[r, tr.idx[vis]] = True
         keep = torch.zeros(len(p_all), dtype=torch.bool, device=k_all.device)
         keep[tr.idx] = True
@@ -115,7 +124,7 @@ class ChunkSequentialPolicy(CachePolicy):
         s = min(cfg.n_sink, budget - 1) if self.has_sinks else 0
         rest = budget - s
         r = min(rest, max(1, round(rest * cfg.recent_ratio / (cfg.heavy_ratio + cfg.recent_ratio))))
-        return s, r, rest - r, max(1, min(cfg.chunk_size, r))
+        return s, r, rest - r, self.capped_chunk(r)
 
     def score(self, imp: Tensor, freq: Tensor, last: Tensor, pos: Tensor, s0: int, cand: Tensor) -> Tensor:
         """Eviction score of candidate keys at boundary s0 (higher = keep), from rows < s0."""
@@ -138,14 +147,15 @@ class ChunkSequentialPolicy(CachePolicy):
         qd = q.double().view(b, hkv, h // hkv, t, hd) / math.sqrt(hd)
         kd = k.double()[:, :, None]  # (B, H_kv, 1, T, hd)
         j = torch.arange(t, device=q.device)
-        n_c = -(-t // c)
+        starts = self.chunk_starts(t, c)
+        n_c = len(starts)
         keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=q.device)
         out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=q.device)
         imp = torch.zeros(b, hkv, t, dtype=torch.float64, device=q.device)
         freq = torch.zeros_like(imp)
         last = j.double().expand(b, hkv, t).clone()  # last use; a key counts as used when appended
-        for ci in range(n_c):
-            s0, e = ci * c, min(t, (ci + 1) * c)
+        for ci, s0 in enumerate(starts):
+            e = starts[ci + 1] if ci + 1 < n_c else t
             if ci > 0:
                 cand = (keep | ((j >= s0 - r) & (j < self.chunk_end(s0, c) - r))) & (j >= s)
                 sc = self.score(imp, freq, last, j, s0, cand).masked_fill(~cand, NEG)
@@ -167,7 +177,7 @@ class ChunkSequentialPolicy(CachePolicy):
     def _mask(self, keep_c: Tensor, sizes: tuple, t: int, device) -> Tensor:
         s, r, _, c = sizes
         i = torch.arange(t, device=device)
-        kept = keep_c[:, :, i // c]  # (B, H_kv, T, T)
+        kept = keep_c[:, :, self.row_chunks(t, c, device)]  # (B, H_kv, T, T)
         return causal_mask(t, device) & ((i[None] < s) | (i[:, None] - i[None] < r) | kept)
 
     def mask(self, q, k, ctx, budget):
@@ -176,4 +186,5 @@ class ChunkSequentialPolicy(CachePolicy):
 
     def mask_mod(self, q, k, ctx, budget):
         keep_c, (s, r, _, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None))
-        return lambda b, h, qi, ki: (ki < s) | (qi - ki < r) | keep_c[b, h, qi // c, ki]  # T/C x T bits per head
+        rc = self.row_chunks(q.shape[2], c, q.device)
+        return lambda b, h, qi, ki: (ki < s) | (qi - ki < r) | keep_c[b, h, rc[qi], ki]  # T/C x T bits per head
