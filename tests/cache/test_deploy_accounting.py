@@ -83,19 +83,24 @@ def test_sharded_deployed_cache_stores_each_key_once():
     assert cache.bytes_stored() < copies.bytes_stored()
 
 
-@pytest.mark.parametrize("name,kw", [("h2o", dict(chunk_size=4)), ("streaming_llm", {}), ("quest", dict(page_size=4, quest_dense_layers=0))])
-def test_cache_statistics_are_logged_on_the_flexattention_path(name, kw):
-    """The CUDA path builds no dense mask; its cache/* statistics come from the same mask_mod and equal the
-    SDPA path's (run eagerly on CPU here)."""
-    model = _moe(n_layer=2)
-    model.set_cache_policy(build_policy(CacheConfig(policy=name, budget=0.5, **kw), model.cfg))
+def _sdpa_and_flex_stats(model) -> tuple[dict, dict]:
+    """Hook statistics of one forward on the SDPA (CPU) path and on the FlexAttention (CUDA) path, run eagerly."""
     x = torch.randint(0, 258, (2, T))
     with torch.no_grad():
         ref = model(x).stats
         model.cache_policy.use_flex = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flex = model(x).stats
+            return ref, model(x).stats
+
+
+@pytest.mark.parametrize("name,kw", [("h2o", dict(chunk_size=4)), ("streaming_llm", {}), ("quest", dict(page_size=4, quest_dense_layers=0))])
+def test_cache_statistics_are_logged_on_the_flexattention_path(name, kw):
+    """The CUDA path builds no dense mask; its cache/* statistics come from the same mask_mod and equal the
+    SDPA path's (run eagerly on CPU here)."""
+    model = _moe(n_layer=2)
+    model.set_cache_policy(build_policy(CacheConfig(policy=name, budget=0.5, **kw), model.cfg))
+    ref, flex = _sdpa_and_flex_stats(model)
     keys = [k for k in ref if k.startswith("cache/")]
     assert {"cache/kept_fraction", "cache/budget_use", "cache/bytes_stored"} <= set(keys)
     for key in keys:
@@ -135,13 +140,7 @@ def test_duo_attention_soft_gate_statistics_are_the_streaming_view_on_every_path
     model = _moe(n_layer=2)
     model.set_cache_policy(build_policy(CacheConfig(policy="duo_attention", budget=8, n_sink=2), model.cfg))
     model.train()
-    x = torch.randint(0, 258, (2, T))
-    with torch.no_grad():
-        ref = model(x).stats
-        model.cache_policy.use_flex = True
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            flex = model(x).stats
+    ref, flex = _sdpa_and_flex_stats(model)
     n = torch.arange(1, T + 1, dtype=torch.float32)
     expected = (n.clamp(max=8) / n).mean()  # 2 sinks + 6 recent keys per row
     torch.testing.assert_close(torch.as_tensor(ref["cache/kept_fraction"]), expected)
