@@ -6,7 +6,8 @@ For each configuration (plain cache, sharding alone, H2O / StreamingLLM at budge
 sharding) on the CE-trained MoE student (``recipes/student_ce.yaml``, trained without either):
 
 * **val NLL**: the training forward (``pikv_train.evaluate.evaluate``) on the first ``--val-batches`` batches
-  of the embedded corpus's validation split (256-token sequences; budgets refer to 256 tokens);
+  of the validation split of ``configs/data/embedded.yaml`` (the split the student was trained with;
+  256-token sequences, budgets refer to 256 tokens);
 * decoding one 256-token validation sequence token by token with the deployed cache (``Decoder.new_cache()``):
   **read fraction** = keys each query reads / keys before it (itself included), averaged over queries,
   layers and kv-heads (``read_fraction()``), and **bytes per token** = ``bytes_stored()`` / 256: keys,
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from pikv_train.cache import CacheConfig, build_policy
 from pikv_train.cache.sharding import ShardingConfig, build_sharding
@@ -71,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", default=str(ROOT / "runs/student_ce/checkpoints/last.ckpt"))
     ap.add_argument("--train-missing", action="store_true", help="train runs/student_ce if the checkpoint is missing")
-    ap.add_argument("--val-batches", type=int, default=8)
+    ap.add_argument("--val-batches", type=int, default=4, help="validation batches of 16 x 256 tokens")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if not Path(args.ckpt).is_file():
@@ -79,7 +81,7 @@ def main() -> None:
             sys.exit(f"error: no checkpoint at {args.ckpt}; run with --train-missing or fit recipes/student_ce.yaml")
         subprocess.run([sys.executable, "-m", "pikv_train", "fit", "--config", "recipes/student_ce.yaml",
                         "--trainer.enable_progress_bar", "false"], cwd=ROOT, check=True)
-    dm = TextDataModule(seq_len=SEQ_LEN, batch_size=8)
+    dm = TextDataModule(**yaml.safe_load((ROOT / "configs/data/embedded.yaml").read_text())["data"])  # as trained
     dm.setup("fit")
     loader = dm.val_dataloader()
     first = next(iter(loader))["input_ids"][:1]
