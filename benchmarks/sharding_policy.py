@@ -73,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", default=str(ROOT / "runs/student_ce/checkpoints/last.ckpt"))
     ap.add_argument("--train-missing", action="store_true", help="train runs/student_ce if the checkpoint is missing")
-    ap.add_argument("--val-batches", type=int, default=4, help="validation batches of 16 x 256 tokens")
+    ap.add_argument("--val-batches", type=int, default=20, help="validation batches of 16 x 256 tokens (as cache_policy_eval)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if not Path(args.ckpt).is_file():
