@@ -35,8 +35,9 @@ class CacheConfig:
 
     # -- chunk-sequential eviction (H2O, LRU, LRU+) and AdaKV's re-selection cadence
     chunk_size: int = 32
-    """C: eviction decisions are taken every C tokens (capped at the recent window so every key is a
-    candidate before it leaves the window); C = 1 is per-token H2O/LRU."""
+    """C: eviction decisions are taken every C tokens and at the reference length L (capped at the recent
+    window so every key is a candidate before it leaves the window, with a warning); C = 1 is per-token
+    H2O/LRU. Decisions come from the attention each row pays over the keys it still holds (SPEC §7)."""
     heavy_ratio: float = 0.1
     """H2O heavy-hitter share (H2O's heavy_ratio 10%); with recent_ratio it splits the budget."""
     recent_ratio: float = 0.1
