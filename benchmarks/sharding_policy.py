@@ -14,7 +14,8 @@ sharding) on the CE-trained MoE student (``recipes/student_ce.yaml``, trained wi
   values, positions, shard membership and policy state, all layers. The decoded logits are checked against
   the training forward (SPEC §7).
 
-Sharding: ``by_routing`` (the query's own layer l-1 experts), 4 sinks, window 16, as in the README.
+Sharding: ``by_routing`` (the query's own layer l-1 experts), 4 sinks, window 16, as in the README; one row
+adds per-shard budgets (``shard_budget: 16``: each of the 4 shards keeps its 16 most recent members).
 Writes benchmarks/results/sharding_policy.{md,json}.
 """
 
@@ -41,6 +42,7 @@ SEQ_LEN = 256
 CONFIGS = [
     ("plain cache", None, None),
     ("sharding (by_routing)", "by_routing", None),
+    ("sharding, per-shard budget 16", "by_routing/16", None),
     ("H2O 0.25", None, "h2o"),
     ("StreamingLLM 0.25", None, "streaming_llm"),
     ("sharding + H2O 0.25", "by_routing", "h2o"),
@@ -49,8 +51,9 @@ CONFIGS = [
 
 
 def configure(model, sharding: str | None, policy: str | None) -> None:
-    model.set_kv_sharding(None if sharding is None else build_sharding(
-        ShardingConfig(enabled=True, read_mode=sharding, n_sink=4, window=16), model.cfg))
+    mode, _, budget = (sharding or "").partition("/")
+    model.set_kv_sharding(None if sharding is None else build_sharding(ShardingConfig(
+        enabled=True, read_mode=mode, n_sink=4, window=16, shard_budget=int(budget) if budget else None), model.cfg))
     model.set_cache_policy(None if policy is None else build_policy(
         CacheConfig(policy=policy, budget=0.25, reference_len=SEQ_LEN), model.cfg))
     model.eval()

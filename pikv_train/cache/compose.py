@@ -18,7 +18,9 @@ class ShardedFullCache(PolicyCache):
     """Expert sharding without a cache policy: every key stored once per (sequence, kv-head) with its shard
     membership, each query reading only its shards (+ sinks and window), as the training mask. Unlike
     :class:`~pikv_train.cache.sharded_cache.ShardedKVCache` (one copy per shard, the physical layout for
-    expert-parallel placement) it stores a key's bytes once, plus one bool membership flag per shard."""
+    expert-parallel placement) it stores a key's bytes once, plus one bool membership flag per shard. With
+    per-shard budgets (``kv_sharding.shard_budget``) a key leaves once no shard holds it and neither the
+    sinks nor the window show it, so storage is bounded by sinks + window + n_shards x shard_budget."""
 
     def __init__(self, sharding, n_layer: int):
         KVCache.__init__(self, n_layer)
@@ -29,7 +31,14 @@ class ShardedFullCache(PolicyCache):
 
     def _step(self, layer_idx, h, st, q, k_all, p_all, n_old):
         t = p_all[n_old:]
-        return p_all[None] <= t[:, None], torch.ones_like(p_all, dtype=torch.bool)
+        keep = torch.ones_like(p_all, dtype=torch.bool)
+        cfg = self.sharding.cfg
+        if cfg.shard_budget is not None and "midx_all" in st and len(t):
+            # Per-shard budgets: a key no shard holds any more, past the sinks and out of the window, can never
+            # be read again (its member counts and its age only grow): it leaves the cache.
+            aged = ((st["scnt"][None] - st["midx_all"] >= cfg.shard_budget) | ~st["mem_all"]).all(-1)  # (S_all,)
+            keep = ~(aged & (p_all >= cfg.n_sink) & (t[-1] + 1 - p_all >= cfg.window))
+        return p_all[None] <= t[:, None], keep
 
 
 def deployed_cache(model, seq_len: int | None = None) -> KVCache:

@@ -54,6 +54,10 @@ class ShardingConfig:
     q_t · mean key of the shard over keys <= t (by_score, MoBA-style)."""
     read_shards: int | None = None
     """by_score only: shards read per query; None = the router's top_k."""
+    shard_budget: int | None = None
+    """Per-shard budget (SPEC §3): each shard keeps only its ``shard_budget`` most recent member keys; an
+    older key is no longer read through that shard (sinks and the local window stay readable), and the
+    deployed cache drops a key once no shard, sink or window shows it. None = unbounded shards."""
 
 
 def _check(cfg: ShardingConfig, n_experts: int) -> int:
@@ -66,6 +70,8 @@ def _check(cfg: ShardingConfig, n_experts: int) -> int:
         raise ValueError(f"kv_sharding.n_sink={cfg.n_sink} must be >= 0")
     if cfg.read_mode not in ("by_routing", "by_score"):
         raise ValueError(f"kv_sharding.read_mode must be 'by_routing' or 'by_score', got {cfg.read_mode!r}")
+    if cfg.shard_budget is not None and cfg.shard_budget < 1:
+        raise ValueError(f"kv_sharding.shard_budget={cfg.shard_budget} must be >= 1 (or null: unbounded shards)")
     if cfg.read_shards is not None and not 1 <= cfg.read_shards <= n_shards:
         raise ValueError(f"kv_sharding.read_shards={cfg.read_shards} must be between 1 and n_shards={n_shards}")
     return n_shards
@@ -106,18 +112,35 @@ def shard_scores(q_group: Tensor, key_sum: Tensor, key_cnt: Tensor) -> Tensor:
     return sc.masked_fill((key_cnt == 0)[:, None], float("-inf"))
 
 
-def shard_visibility(q_pos: Tensor, k_pos: Tensor, k_mem: Tensor, reads: Tensor, n_sink: int, window: int) -> Tensor:
+def shard_visibility(q_pos: Tensor, k_pos: Tensor, k_mem: Tensor, reads: Tensor, n_sink: int, window: int,
+                     fresh: Tensor | None = None) -> Tensor:
     """SPEC §3's rule, the one source for the training mask and every inference cache.
 
     Args:
         q_pos: (..., Tq) query positions; k_pos: (..., N) key positions (-1 = padding).
         k_mem: (..., N, S) bool shards each key is stored in; reads: (..., Tq, S) bool shards each query reads.
+        fresh: (..., Tq, N, S) bool, with a per-shard budget: key j is still among shard s's most recent
+            ``shard_budget`` members at query t (see :func:`shard_freshness`); None = unbounded shards.
     Returns:
-        (..., Tq, N) bool: ``j <= t`` and (a shard in common, or a sink, or inside the local window).
+        (..., Tq, N) bool: ``j <= t`` and (a shard in common that still holds j, or a sink, or inside the
+        local window).
     """
     qp, kp = q_pos[..., :, None], k_pos[..., None, :]
-    hit = (reads.float() @ k_mem.float().transpose(-1, -2)) > 0
+    if fresh is None:
+        hit = (reads.float() @ k_mem.float().transpose(-1, -2)) > 0
+    else:
+        hit = (reads[..., :, None, :] & k_mem[..., None, :, :] & fresh).any(-1)
     return (kp <= qp) & (kp >= 0) & (hit | (kp < n_sink) | (qp - kp < window))
+
+
+def shard_freshness(q_count: Tensor, k_count: Tensor, shard_budget: int) -> Tensor:
+    """(..., Tq, N, S) bool: fewer than ``shard_budget`` members of shard s arrived after key j, up to query t.
+
+    Args:
+        q_count: (..., Tq, S) members of each shard at positions <= t (all keys ever placed, kept or not).
+        k_count: (..., N, S) the same count at key j's own position (j included).
+    """
+    return (q_count[..., :, None, :] - k_count[..., None, :, :]) < shard_budget
 
 
 def group_queries(q: Tensor, n_kv_head: int) -> Tensor:
@@ -169,6 +192,10 @@ class ExpertShardedKV(AttentionHook):
         its shards: the expert-parallel layout). ``Decoder.new_cache()`` deploys the single-copy cache."""
         from pikv_train.cache.sharded_cache import ShardedKVCache
 
+        if self.cfg.shard_budget is not None:
+            raise ValueError("the per-shard layout (ShardedKVCache) does not implement kv_sharding.shard_budget; "
+                             "decode with model.new_cache() (the deployed cache implements it)")
+
         return ShardedKVCache(n_layer, self.cfg, self.n_experts, self.n_read)
 
     def cache_factory(self):
@@ -190,14 +217,18 @@ class ExpertShardedKV(AttentionHook):
             member = shard_membership(prev.ids, prev.valid, self.n_shards).view(b, t, self.n_shards)
             pos = ctx.positions
             causal = (pos[:, None, :] <= pos[:, :, None]) & (pos[:, None, :] >= 0)  # (B, T, T)
+            fresh = None
+            if self.cfg.shard_budget is not None:
+                cnt = member.long().cumsum(1)  # (B, T, S) members of each shard up to each position
+                fresh = shard_freshness(cnt, cnt, self.cfg.shard_budget)  # (B, T, T, S)
             if self.cfg.read_mode == "by_routing":
-                mask = shard_visibility(pos, pos, member, member, self.cfg.n_sink, self.cfg.window)[:, None]
+                mask = shard_visibility(pos, pos, member, member, self.cfg.n_sink, self.cfg.window, fresh)[:, None]
             else:
                 key_sum = torch.einsum("bjs,bhjd->bhjsd", member.double(), k.double()).cumsum(2)  # (B, H_kv, T, S, hd)
                 key_cnt = member.long().cumsum(1)  # (B, T, S)
                 reads = top_shards(shard_scores(group_queries(q, self.n_kv_head), key_sum, key_cnt), self.n_read)
-                mask = shard_visibility(pos[:, None], pos[:, None], member[:, None], reads,
-                                        self.cfg.n_sink, self.cfg.window)  # (B, H_kv, T, T)
+                mask = shard_visibility(pos[:, None], pos[:, None], member[:, None], reads, self.cfg.n_sink,
+                                        self.cfg.window, None if fresh is None else fresh[:, None])  # (B, H_kv, T, T)
             n_causal = causal.sum(-1).clamp_min(1)[:, None]  # (B, 1, T)
             frac = (mask.sum(-1) / n_causal).mean()
             n = stats.get("_kv_sharded_layers", 0)

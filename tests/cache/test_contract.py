@@ -28,7 +28,7 @@ AXES = {
     "policy": ["full", "streaming_llm", "h2o", "quest", "flexgen", "lru", "lru_plus", "ada_kv", "duo_attention"],
     "budget": [0.25, 0.5, 1.0],
     "chunk": [1, 4, 5],
-    "sharding": ["off", "by_routing", "by_score"],
+    "sharding": ["off", "by_routing", "by_score", "by_routing+shard_budget", "by_score+shard_budget"],
     "kv_bits": [0, 4],
     "router": ["topk_balanced", "eplb", "adaptive", "pikv", "hierarchical"],
 }
@@ -74,8 +74,9 @@ def _build(case: dict) -> Decoder:
             blk.attn.q_proj.weight.mul_(20.0)
             blk.attn.kv_proj.weight[: cfg.n_kv_head * cfg.head_dim].mul_(20.0)
     if case["sharding"] != "off":
-        model.set_kv_sharding(build_sharding(
-            ShardingConfig(enabled=True, read_mode=case["sharding"], n_sink=1, window=3, read_shards=1), cfg))
+        mode, _, budget = case["sharding"].partition("+")
+        model.set_kv_sharding(build_sharding(ShardingConfig(
+            enabled=True, read_mode=mode, n_sink=1, window=3, read_shards=1, shard_budget=6 if budget else None), cfg))
     if case["policy"] != "full":
         pol = build_policy(CacheConfig(
             policy=case["policy"], budget=case["budget"], chunk_size=case["chunk"], n_sink=2, page_size=4,

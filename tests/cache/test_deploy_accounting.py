@@ -190,3 +190,28 @@ def test_pikv_importance_target_is_the_same_on_the_flexattention_path():
             warnings.simplefilter("ignore")
             flex = [r.losses["importance"] for r in model(x).routing]
     torch.testing.assert_close(torch.stack(flex), torch.stack(ref), rtol=1e-5, atol=0)
+
+
+def test_per_shard_budgets_bound_what_the_sharded_cache_stores():
+    """kv_sharding.shard_budget: each shard holds its most recent members only; the deployed cache drops a key
+    no shard, sink or window shows any more, so it stores at most sinks + window + n_shards * shard_budget keys
+    per head, and decoding still equals the training mask."""
+    model = _moe()
+    cfg = ShardingConfig(enabled=True, n_sink=1, window=2, shard_budget=3)
+    model.set_kv_sharding(build_sharding(cfg, model.cfg))
+    x = torch.randint(0, 258, (2, T))
+    cache = model.new_cache()
+    with torch.no_grad():
+        train = model.logits(model(x).hidden)
+        dec = decode_tokenwise(model, cache, x, 5)
+        model.kv_sharding.cfg.shard_budget = None
+        unbounded = model.logits(model(x).hidden)
+    torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * float(train.abs().max()))
+    assert float((unbounded - train).abs().max()) > 1e-3 * float(train.abs().max())  # the budget really acts
+    for layer in (1, 2):  # sharded layers (layer 0 has no previous router)
+        assert int(cache.head_lengths(layer).max()) <= 1 + 2 + 4 * 3
+    assert int(cache.head_lengths(0).min()) == T  # unsharded layer keeps everything
+    with pytest.raises(ValueError, match="shard_budget"):
+        build_sharding(ShardingConfig(enabled=True, shard_budget=2), model.cfg).new_cache(3)
+    with pytest.raises(ValueError, match="shard_budget=0"):
+        build_sharding(ShardingConfig(enabled=True, shard_budget=0), model.cfg)

@@ -353,7 +353,7 @@ class PolicyCache(KVCache):
                      p_all: Tensor) -> Tensor:
         """(Tr, S) sharding visibility of one (sequence, kv-head): updates the stored membership and the
         by_score running sums. qg (Tr, hd) group-summed queries, k_new (Tr, hd), mem_new (Tr, n_shards)."""
-        from pikv_train.cache.sharding import shard_visibility, top_shards
+        from pikv_train.cache.sharding import shard_freshness, shard_visibility, top_shards
 
         sh = self.sharding
         if sh.cfg.read_mode == "by_routing":
@@ -371,7 +371,14 @@ class PolicyCache(KVCache):
             st["ksum"], st["kcnt"] = key_sum[-1], key_cnt[-1]
         mem_all = torch.cat([st["mem"], mem_new]) if "mem" in st else mem_new
         st["mem_all"] = mem_all
-        return shard_visibility(p_new, p_all, mem_all, reads, sh.cfg.n_sink, sh.cfg.window)
+        fresh = None
+        if sh.cfg.shard_budget is not None:  # per-shard budgets: each key's member count at its own position
+            cnt_new = (st["scnt"][None] if "scnt" in st else 0) + mem_new.long().cumsum(0)  # (Tr, S)
+            st["midx_all"] = torch.cat([st["midx"], cnt_new]) if "midx" in st else cnt_new
+            if len(cnt_new):
+                st["scnt"] = cnt_new[-1]
+            fresh = shard_freshness(cnt_new, st["midx_all"], sh.cfg.shard_budget)  # (Tr, S_all, n_shards)
+        return shard_visibility(p_new, p_all, mem_all, reads, sh.cfg.n_sink, sh.cfg.window, fresh)
 
     # ---------------------------------------------------------------- update
     def update(self, layer_idx, q, k, v, q_pos):
@@ -399,6 +406,8 @@ class PolicyCache(KVCache):
                 s["k"], s["v"], s["pos"] = k_all[h][keeps[h]], v_all[h][keeps[h]], p_all[h][keeps[h]]
                 if member is not None:
                     s["mem"] = s.pop("mem_all")[keeps[h]]
+                    if "midx_all" in s:
+                        s["midx"] = s.pop("midx_all")[keeps[h]]
                 # Padded queries (position -1) read only their own (unstored) slot.
                 pad_rows = (~real).nonzero().flatten()
                 n_all = len(p_all[h])

@@ -94,14 +94,21 @@ class FlexGenCache(KVCache):
         prev = self._routing.get(layer_idx - 1) if self.sharding is not None else None
         if prev is None:
             return None
-        from pikv_train.cache.sharding import batched_reads, shard_membership, shard_visibility
+        from pikv_train.cache.sharding import batched_reads, shard_freshness, shard_membership, shard_visibility
 
         sh, st = self.sharding, self.shard_state[layer_idx]
         b, _, tq, _ = k.shape
         member = shard_membership(prev.ids, prev.valid, sh.n_shards).view(b, tq, -1) & (q_pos >= 0)[..., None]
         st["mem"] = member if "mem" not in st else torch.cat([st["mem"], member], 1)
         reads = batched_reads(sh, q, k, member, st)
-        return shard_visibility(q_pos[:, None], kp[:, None], st["mem"][:, None], reads, sh.cfg.n_sink, sh.cfg.window)
+        fresh = None
+        if sh.cfg.shard_budget is not None:  # per-shard budgets: member counts at each key's position
+            cnt = (st["scnt"][:, None] if "scnt" in st else 0) + member.long().cumsum(1)  # (B, Tq, S)
+            st["midx"] = cnt if "midx" not in st else torch.cat([st["midx"], cnt], 1)
+            st["scnt"] = cnt[:, -1]
+            fresh = shard_freshness(cnt, st["midx"], sh.cfg.shard_budget)[:, None]  # (B, 1, Tq, S_all, n_shards)
+        return shard_visibility(q_pos[:, None], kp[:, None], st["mem"][:, None], reads, sh.cfg.n_sink, sh.cfg.window,
+                                fresh)
 
     def __len__(self) -> int:
         return sum(0 if p[0] is None else p[0]["pos"].shape[1] for p in (self.device_part, self.host_part))
