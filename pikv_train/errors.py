@@ -19,3 +19,8 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class NonFiniteError(UserError, RuntimeError):
     """A loss or gradient became NaN or infinite; the message names the step and the loss terms."""
+
+
+class RollbackError(UserError, RuntimeError):
+    """A cache that cannot undo tokens by hiding positions (evicting policies, shard summaries); the message
+    names the fix: ``cache.snapshot()`` before the speculative tokens and ``cache.restore()``."""

@@ -12,6 +12,7 @@ from helpers import decode_tokenwise
 
 from pikv_train.cache import CacheConfig, KVCache, build_policy
 from pikv_train.cache.sharding import ShardingConfig, build_sharding
+from pikv_train.errors import RollbackError
 from pikv_train.models import Decoder, ModelConfig
 from pikv_train.models.config import MoEConfig
 
@@ -37,7 +38,7 @@ def test_evicting_cache_refuses_rollback_and_snapshot_restore_is_exact():
     cache = model.new_cache()
     with torch.no_grad():
         decode_tokenwise(model, cache, x[:, :12], 12)
-        with pytest.raises(NotImplementedError, match="snapshot"):
+        with pytest.raises(RollbackError, match="snapshot"):
             cache.rollback(torch.tensor([5, 5]))
         snap = cache.snapshot()
         pos = torch.arange(12, 20).expand(2, 8)
@@ -154,7 +155,7 @@ def test_flexgen_cache_with_sharding_refuses_rollback():
     cache = model.new_cache()
     with torch.no_grad():
         decode_tokenwise(model, cache, torch.randint(0, 258, (1, 12)), 12)
-    with pytest.raises(NotImplementedError, match="snapshot"):
+    with pytest.raises(RollbackError, match="snapshot"):
         cache.rollback(torch.tensor([5]))
 
 

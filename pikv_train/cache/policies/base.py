@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pikv_train.cache.config import CacheConfig
 from pikv_train.cache.kv_cache import KVCache
-from pikv_train.errors import ConfigError
+from pikv_train.errors import ConfigError, RollbackError
 from pikv_train.models.hooks import AttentionContext, AttentionHook
 
 
@@ -316,7 +316,7 @@ class PolicyCache(KVCache):
         return self._read_sum / max(self._read_n, 1)
 
     def rollback(self, keep_until: Tensor) -> None:
-        raise NotImplementedError(
+        raise RollbackError(
             f"{type(self).__name__} cannot roll back by hiding positions (its eviction decisions depend on the "
             "discarded tokens); take cache.snapshot() before the speculative tokens and cache.restore() it"
         )

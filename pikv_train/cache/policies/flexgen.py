@@ -37,6 +37,7 @@ from torch import Tensor
 from pikv_train.cache.kv_cache import KVCache, causal_position_mask
 from pikv_train.cache.policies.base import CachePolicy, _sdpa, causal_mask
 from pikv_train.cache.quant import GroupQuantized, bytes_per_vector, fake_quantize, group_dequantize, group_quantize
+from pikv_train.errors import RollbackError
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, own: Tensor, sparsity: float) -> Tensor:
@@ -196,7 +197,7 @@ class FlexGenCache(KVCache):
 
     def rollback(self, keep_until: Tensor) -> None:
         if self.sharding is not None:
-            raise NotImplementedError(
+            raise RollbackError(
                 "FlexGenCache with expert sharding cannot roll back by hiding positions (the shard summaries "
                 "include the discarded keys); take cache.snapshot() before the speculative tokens and restore() it"
             )
