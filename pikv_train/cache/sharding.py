@@ -56,8 +56,9 @@ class ShardingConfig:
     """by_score only: shards read per query; None = the router's top_k."""
     shard_budget: int | None = None
     """Per-shard budget (SPEC §3): each shard keeps only its ``shard_budget`` most recent member keys; an
-    older key is no longer read through that shard (sinks and the local window stay readable), and the
-    deployed cache drops a key once no shard, sink or window shows it. None = unbounded shards."""
+    older key is no longer read through that shard (sinks and the local window stay readable). Without a
+    cache policy the deployed cache drops a key once no shard, sink or window shows it; with a policy the
+    policy's budget bounds storage. None = unbounded shards."""
 
 
 def _check(cfg: ShardingConfig, n_experts: int) -> int:
