@@ -5,7 +5,7 @@ Each is one object: the training-forward visibility mask (``training_mask``) and
 """
 
 from pikv_train.cache.policies.ada_kv import AdaKVScheduler
-from pikv_train.cache.policies.base import CachePolicy, PolicyCache, dense_probs, resolve_budget
+from pikv_train.cache.policies.base import CachePolicy, PolicyCache, resolve_budget
 from pikv_train.cache.policies.duo_attention import DuoAttentionScheduler, calibrate_gates
 from pikv_train.cache.policies.flexgen import FlexGenScheduler
 from pikv_train.cache.policies.h2o import H2OScheduler
@@ -18,5 +18,5 @@ from pikv_train.cache.policies.streaming_llm import StreamingLLMScheduler
 __all__ = [
     "AdaKVScheduler", "CachePolicy", "ChunkSequentialPolicy", "DuoAttentionScheduler", "FlexGenScheduler",
     "H2OScheduler", "LRUPlusScheduler", "LRUScheduler", "PolicyCache", "QuestScheduler", "StreamingLLMScheduler",
-    "calibrate_gates", "dense_probs", "resolve_budget",
+    "calibrate_gates", "resolve_budget",
 ]

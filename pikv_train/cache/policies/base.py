@@ -33,20 +33,6 @@ def resolve_budget(budget: float, seq_len: int | None) -> int:
     return max(1, int(round(budget * seq_len)))
 
 
-@torch.no_grad()
-def dense_probs(q: Tensor, k: Tensor, row0: int = 0, row1: int | None = None) -> Tensor:
-    """(B, H_kv, R, T) fp32 causal softmax attention of query rows [row0, row1) (all by default) over
-    every key, averaged over each kv-head's query group (no grad). Row blocks bound the memory of the
-    scoring passes: R x T per head instead of T x T."""
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    row1 = t if row1 is None else row1
-    qg = q[:, :, row0:row1].float().reshape(b, hkv, h // hkv, row1 - row0, d) * (1.0 / math.sqrt(d))
-    logits = qg @ k.float()[:, :, None].transpose(-1, -2)  # (B, H_kv, g, R, T), fresh: fill in place
-    causal = torch.arange(t, device=q.device)[None] <= torch.arange(row0, row1, device=q.device)[:, None]
-    return logits.masked_fill_(~causal, float("-inf")).softmax(-1).mean(2)
-
-
 def top_n_mask(score: Tensor, n: Tensor | int, tiebreak: Tensor) -> Tensor:
     """Bool mask of the n best entries along the last dim (-inf never chosen).
 
