@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from pikv_train.models.head import LogitHead
+
 from .divergences import resolve_divergence, token_divergence
 
 __all__ = ["chunked_distill_loss", "chunked_cross_entropy", "DEFAULT_CHUNK_SIZE"]
@@ -51,7 +53,7 @@ class _Plan:
     kd_weight: float
     kd_scale: Tensor  # () 1/denominator for "mean", 1 for "sum"
     teacher_hidden: Optional[Tensor]  # (n, d_t)
-    teacher_weight: Optional[Tensor]  # (>= vocab_size, d_t)
+    teacher_head: Optional[LogitHead]  # weight (>= vocab_size, d_t) + the family's logit transform
     teacher_logits: Optional[Tensor]  # (n, >= vocab_size)
     # CE (targets=None disables it)
     targets: Optional[Tensor]  # (n,) long
@@ -67,7 +69,7 @@ class _Plan:
             if self.teacher_logits is not None:
                 return _upcast(self.teacher_logits[start:end, : self.vocab_size])
             th = self.teacher_hidden[start:end]  # (C, d_t)
-            return _upcast(th @ self.teacher_weight[: self.vocab_size].t())  # (C, V)
+            return _upcast(self.teacher_head(th, self.vocab_size))  # (C, V)
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -183,7 +185,7 @@ def _fused_loss(
     *,
     divergence: Optional[str],
     teacher_hidden: Optional[Tensor],
-    teacher_weight: Optional[Tensor],
+    teacher_head: Optional[LogitHead],
     teacher_logits: Optional[Tensor],
     mask: Optional[Tensor],
     targets: Optional[Tensor],
@@ -215,11 +217,12 @@ def _fused_loss(
             _check_2d("teacher_logits", teacher_logits, n)
             v_teacher = teacher_logits.shape[1]
         else:
-            if teacher_hidden is None or teacher_weight is None:
-                raise ValueError("pass teacher_hidden and teacher_weight, or teacher_logits")
+            if teacher_hidden is None:
+                raise ValueError("teacher_hidden is missing: the teacher head needs its (N, d_t) hidden states")
             _check_2d("teacher_hidden", teacher_hidden, n)
-            _check_2d("teacher_weight", teacher_weight)
-            v_teacher = teacher_weight.shape[0]
+            if teacher_head.weight.shape[1] != teacher_hidden.shape[1]:
+                raise ValueError("the teacher head (V, d_t) and teacher_hidden (N, d_t) disagree on d_t")
+            v_teacher = teacher_head.weight.shape[0]
         if vocab_size is None and v_teacher != v_student:
             raise ValueError(
                 f"teacher vocab {v_teacher} != student vocab {v_student}; pass vocab_size to "
@@ -276,7 +279,7 @@ def _fused_loss(
         kd_weight=kd_weight,
         kd_scale=kd_scale,
         teacher_hidden=None if teacher_hidden is None else teacher_hidden.detach(),
-        teacher_weight=None if teacher_weight is None else teacher_weight.detach(),
+        teacher_head=None if teacher_head is None else teacher_head.detach(),
         teacher_logits=None if teacher_logits is None else teacher_logits.detach(),
         targets=targets,
         ignore_index=ignore_index,
@@ -294,6 +297,7 @@ def chunked_distill_loss(
     teacher_hidden: Optional[Tensor] = None,
     teacher_weight: Optional[Tensor] = None,
     *,
+    teacher_head: Optional[LogitHead] = None,
     teacher_logits: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     divergence: str = "fkl",
@@ -316,8 +320,13 @@ def chunked_distill_loss(
         student_weight: (V_s, d_s) student LM-head weight (logits = hidden @ weight.T; fold a bias
             or logit scaling into hidden/weight beforehand).
         teacher_hidden: (N, d_t) teacher hidden states, or None with ``teacher_logits``.
-        teacher_weight: (V_t, d_t) teacher LM-head weight. Teacher work runs under no_grad.
-        teacher_logits: (N, V_t) precomputed teacher logits, alternative to hidden + weight.
+        teacher_weight: (V_t, d_t) teacher LM-head weight (a plain projection). Teacher work runs under
+            no_grad.
+        teacher_head: the teacher's :class:`~pikv_train.models.head.LogitHead` (weight (V_t, d_t), bias and the
+            family's logit transform: Cohere's scale, Gemma-2's soft cap), alternative to ``teacher_weight``;
+            it is applied chunk by chunk, so the (N × V) teacher logits are never built either.
+        teacher_logits: (N, V_t) precomputed teacher logits.
+        Exactly one of ``teacher_weight``, ``teacher_head`` and ``teacher_logits`` is given.
         mask: (N,) bool, or float per-token weights; None = every token.
         divergence: "fkl" | "rkl" | "jsd" | "tvd" | "skl" | "srkl" (or an alias).
         chunk_size: tokens per chunk; peak loss memory scales with chunk_size × V.
@@ -338,9 +347,19 @@ def chunked_distill_loss(
         detached ``kd``, ``ce`` (0 without targets), ``top1_agree`` (long count of unmasked tokens
         whose student and teacher argmax agree) and ``n_tokens`` (unmasked token weight).
     """
+    given = [name for name, t in (("teacher_weight", teacher_weight), ("teacher_head", teacher_head),
+                                  ("teacher_logits", teacher_logits)) if t is not None]
+    if len(given) != 1 and (divergence is not None or given):
+        raise ValueError(
+            f"pass exactly one teacher source: teacher_weight, teacher_head or teacher_logits (got {given or 'none'})"
+        )
+    if teacher_weight is not None:
+        if teacher_weight.dim() != 2:
+            raise ValueError(f"teacher_weight must be 2-D, got shape {tuple(teacher_weight.shape)}")
+        teacher_head = LogitHead(teacher_weight)
     out = _fused_loss(
         student_hidden, student_weight,
-        divergence=divergence, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        divergence=divergence, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
         teacher_logits=teacher_logits, mask=mask, targets=targets, ignore_index=ignore_index,
         chunk_size=chunk_size, temperature=temperature, t2_scale=t2_scale, reduction=reduction,
         vocab_size=vocab_size, kd_weight=kd_weight, ce_weight=ce_weight, div_kwargs=div_kwargs,
@@ -374,7 +393,7 @@ def chunked_cross_entropy(
     """
     out = _fused_loss(
         hidden, weight,
-        divergence=None, teacher_hidden=None, teacher_weight=None, teacher_logits=None,
+        divergence=None, teacher_hidden=None, teacher_head=None, teacher_logits=None,
         mask=mask, targets=targets, ignore_index=ignore_index, chunk_size=chunk_size,
         temperature=1.0, t2_scale=False, reduction=reduction, vocab_size=vocab_size,
         kd_weight=0.0, ce_weight=1.0, div_kwargs={},

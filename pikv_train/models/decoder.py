@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pikv_train.models.attention import CausalSelfAttention
 from pikv_train.models.config import ModelConfig
+from pikv_train.models.head import LogitHead
 from pikv_train.models.hooks import AttentionContext, AttentionHook
 from pikv_train.models.layers import RMSNorm, Rotary, SwiGLU
 from pikv_train.models.moe import MoEFeedForward
@@ -138,6 +139,12 @@ class Decoder(nn.Module):
     def head_weight(self) -> Tensor:
         """(V, d) weight of the LM head."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def head(self) -> LogitHead:
+        """The LM head as a :class:`LogitHead` (a plain projection: our decoder has no bias or logit transform),
+        the form losses and generation share with Hugging Face models."""
+        return LogitHead(self.head_weight)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Apply the LM head: (..., d) -> (..., V)."""

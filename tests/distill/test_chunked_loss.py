@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_rel
 
 from pikv_train.distill import (
     DIVERGENCES,
@@ -10,6 +11,7 @@ from pikv_train.distill import (
     chunked_distill_loss,
     sequence_mean_weights,
 )
+from pikv_train.models.head import LogitHead
 
 pytestmark = pytest.mark.filterwarnings("ignore:skew_kl with detach_mixture")
 
@@ -123,6 +125,66 @@ def test_precomputed_teacher_logits_path():
     )
     for x, y in zip(_value_and_grads(a, h1, w1), _value_and_grads(b, h2, w2)):
         torch.testing.assert_close(x, y, **TOL)
+
+
+def _transforming_head(tw):
+    """A teacher head with everything a family may add after the projection; the cap visibly bends."""
+    bias = torch.randn(tw.shape[0], generator=torch.Generator().manual_seed(1))
+    return LogitHead(3.0 * tw, bias, scale=0.7, softcap=1.5)
+
+
+@pytest.mark.parametrize("name, hyper", CASES[:4], ids=CASE_IDS[:4])
+def test_teacher_head_with_bias_scale_and_softcap_equals_dense(name, hyper):
+    # Teacher head padded to 15 rows; only the first 11 columns are compared.
+    h, w, th, tw, mask = _inputs(23, seed=15, v_t=15)
+    head = _transforming_head(tw)
+    raw = th @ head.weight.t() + head.bias
+    assert float((raw * head.scale).abs().max()) > 2 * head.softcap  # the cap is active
+    h1, w1 = _leaves(h, w)
+    ref = DIVERGENCES[name](
+        student_logits=h1 @ w1.t(), teacher_logits=head(th)[:, :V], mask=mask, temperature=1.3, **hyper
+    )
+    ref = _value_and_grads(ref, h1, w1)
+    h2, w2 = _leaves(h, w)
+    loss = chunked_distill_loss(
+        h2, w2, th, teacher_head=head, mask=mask, divergence=name, chunk_size=4, vocab_size=V, temperature=1.3,
+        **hyper,
+    )
+    for a, b in zip(_value_and_grads(loss, h2, w2), ref):
+        assert_close_rel(a, b, 1e-5)
+
+
+def test_teacher_head_never_builds_all_teacher_logits():
+    n, chunk = 300, 16
+    h, w, th, tw, mask = _inputs(n, seed=16)
+    rows = []
+
+    class RecordingHead(LogitHead):
+        def __call__(self, hidden, vocab=None):
+            rows.append(hidden.shape[0])
+            return super().__call__(hidden, vocab)
+
+    head = _transforming_head(tw)
+    rec = RecordingHead(head.weight, head.bias, head.scale, head.softcap)
+    h1, w1 = _leaves(h, w)
+    chunked_distill_loss(h1, w1, th, teacher_head=rec, mask=mask, chunk_size=chunk).backward()
+    assert max(rows) <= chunk and sum(rows) == int(mask.sum())  # one chunk of teacher logits at a time
+    h2, w2 = _leaves(h, w)
+    chunked_distill_loss(h2, w2, th, teacher_head=head, mask=mask, chunk_size=n).backward()
+    assert_close_rel(h1.grad, h2.grad, 1e-5)
+
+
+def test_teacher_weight_is_a_plain_head_and_sources_are_exclusive():
+    h, w, th, tw, mask = _inputs(12, seed=17)
+    a = chunked_distill_loss(h, w, th, tw, mask=mask, chunk_size=5)
+    b = chunked_distill_loss(h, w, th, teacher_head=LogitHead(tw), mask=mask, chunk_size=5)
+    assert_close_rel(a, b, 1e-6)
+    with pytest.raises(ValueError, match="exactly one teacher source"):
+        chunked_distill_loss(h, w, th, tw, teacher_head=LogitHead(tw))
+    with pytest.raises(ValueError, match="disagree on d_t"):
+        chunked_distill_loss(h, w, th, teacher_head=LogitHead(torch.randn(V, D_T + 1)))
+    with pytest.raises(ValueError, match="teacher_hidden is missing"):
+        chunked_distill_loss(h, w, teacher_head=LogitHead(tw))
 
 
 def test_teacher_receives_no_gradient():

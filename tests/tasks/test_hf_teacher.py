@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_cli, write
+from helpers import assert_close_rel, run_cli, write
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -78,14 +78,29 @@ def test_padded_vocabulary_is_sliced_to_the_real_one(tmp_path):
     assert task.shared_vocab == real and task.teacher.head_weight.shape[0] == 320
     assert not any(p.requires_grad for p in task.teacher.parameters()) and not task.teacher.training
     ids = torch.randint(0, real, (2, 12))
-    batch = {"input_ids": ids, "targets": torch.roll(ids, -1, 1), "loss_mask": torch.ones(2, 12, dtype=torch.bool)}
-    total, count, parts, _ = task.divergence_loss(batch, "fkl")
-    # Reference: full logits of both models restricted to the real vocabulary.
-    s = task.student.logits(task.student(ids).hidden)[..., :real]
-    t = task.teacher.model(ids).logits[..., :real]
-    from pikv_train.distill import forward_kl
+    from pikv_train.distill import chunked_distill_loss, forward_kl
 
-    torch.testing.assert_close(total / count, forward_kl(student_logits=s, teacher_logits=t), atol=1e-5, rtol=1e-5)
+    # The fused loss over the shared vocabulary, with the teacher's head (the end-to-end test runs the task's).
+    with torch.no_grad():
+        s_hidden, t_hidden = task.student(ids).hidden.flatten(0, 1), task.teacher(ids).hidden.flatten(0, 1)
+        loss = chunked_distill_loss(s_hidden, task.student.head_weight, t_hidden, teacher_head=task.teacher.head,
+                                    vocab_size=task.shared_vocab, chunk_size=5)
+        # Reference: full logits of both models restricted to the real vocabulary.
+        s = task.student.logits(task.student(ids).hidden)[..., :real]
+        t = task.teacher.model(ids).logits[..., :real]
+    assert_close_rel(loss, forward_kl(student_logits=s, teacher_logits=t), 1e-5)
+
+
+def test_teacher_import_path_is_the_hf_causal_lm_wrapper(tmp_path):
+    from pikv_train.models.hf_causal_lm import HFCausalLM
+    from pikv_train.tasks.hf_teacher import HFTeacher
+
+    assert HFTeacher is HFCausalLM
+    folder = tmp_path / "t"
+    real = _hf_teacher(folder, padded_vocab=320, texts=_texts())
+    teacher = HFTeacher(str(folder))
+    assert (teacher.cfg.vocab_size, teacher.cfg.n_layer, teacher.cfg.max_seq_len) == (320, 2, 128)
+    assert teacher.real_vocab_size == real and teacher.head.weight is teacher.head_weight
 
 
 def test_different_tokenizers_are_refused(tmp_path):
