@@ -29,12 +29,16 @@ __all__ = [
     "DIVERGENCES",
 ]
 
-from .distillm import AdaptiveOffPolicySchedule, DistiLLMConfig  # noqa: E402
-from .distillm2 import DistiLLM2Config, beta_at  # noqa: E402
+from .distillm import AdaptiveOffPolicySchedule, DistiLLMConfig, DistiLLMObjective  # noqa: E402
+from .distillm2 import DistiLLM2Config, DistiLLM2Objective, beta_at  # noqa: E402
+from .kd import KDObjective  # noqa: E402
+from .objective import BeforeTraining, DistillEnv, Objective, StepInfo, StepResult  # noqa: E402
 from .replay import ReplayBuffer  # noqa: E402
-from .skd import SKDConfig, SKDResult, speculative_kd_sample  # noqa: E402
+from .skd import SKDConfig, SKDObjective, SKDResult, speculative_kd_sample  # noqa: E402
+from .term import DistillLoss, DistillLossConfig  # noqa: E402
 
 __all__ += [
     "AdaptiveOffPolicySchedule", "DistiLLMConfig", "DistiLLM2Config", "beta_at", "ReplayBuffer", "SKDConfig",
-    "SKDResult", "speculative_kd_sample",
+    "SKDResult", "speculative_kd_sample", "Objective", "KDObjective", "DistiLLMObjective", "DistiLLM2Objective",
+    "SKDObjective", "DistillEnv", "StepInfo", "StepResult", "BeforeTraining", "DistillLoss", "DistillLossConfig",
 ]

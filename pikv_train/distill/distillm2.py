@@ -8,16 +8,39 @@ where SKL pulls the student up on the teacher's response (gradient through the s
 mixture) and SRKL, with the student inside its mixture *detached*, pushes the student's own unlikely
 tokens down; means are over each sequence's response tokens, then over pairs (sequence-mean).
 Optional curriculum: beta_t = 1 + 0.5 * min(1, 2 t / T).
+
+Where the pairs come from (``pairs``):
+
+- ``offline`` (the published recipe): generated once, before training, from the initial student and the
+  teacher (T = 0.8, top-p 0.95), for every training prompt; stored as ``distillm2_pairs.jsonl`` in the
+  run folder and read back on resume.
+- ``online``: generated for each batch from the current student and the teacher.
+- Data with a student-response column (``data.student_response_field``) supplies both responses itself
+  (the reference response is the teacher's); then nothing is generated.
+
+Every generation decodes with each model's own deployed cache (the student's policy and sharding) and
+only real vocabulary ids.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pikv_train.data.prompts import build_sequences
+from pikv_train.errors import ConfigError
+from pikv_train.models.generation import generate
+
+from .objective import BeforeTraining, Objective, StepInfo, StepResult, responses_of, to_device
+from .pairs_file import FILE_NAME, Pairs, read_pairs, write_pairs
 
 
 @dataclass
 class DistiLLM2Config:
-    """DistiLLM-2 pair loss and online response generation."""
+    """DistiLLM-2 pair loss and response generation."""
 
     alpha1: float = 0.1
     """Skew of SKL on teacher responses."""
@@ -27,12 +50,17 @@ class DistiLLM2Config:
     """Weight balance: (2 - beta) * SKL + beta * SRKL."""
     beta_curriculum: bool = False
     """Use beta_t = 1 + 0.5 * min(1, 2 t / T) instead of a constant beta."""
-    temperature: float = 1.0
-    """Sampling temperature of online teacher and student responses."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold of online responses."""
+    pairs: Literal["offline", "online"] = "offline"
+    """offline: generate the pairs once before training from the initial student (published recipe);
+    online: generate them for every batch from the current student."""
+    temperature: float = 0.8
+    """Sampling temperature of teacher and student responses (DistiLLM-2: 0.8)."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold of teacher and student responses (DistiLLM-2: 0.95)."""
     max_new_tokens: int | None = None
     """Tokens generated per prompt (default: the data's response_len)."""
+    generation_batch_size: int = 32
+    """Prompts per generation batch when making the offline pairs."""
 
 
 def beta_at(cfg: DistiLLM2Config, step: int, total: int) -> float:
@@ -40,3 +68,103 @@ def beta_at(cfg: DistiLLM2Config, step: int, total: int) -> float:
     if not cfg.beta_curriculum:
         return cfg.beta
     return 1.0 + 0.5 * min(1.0, 2.0 * step / max(total, 1))
+
+
+class DistiLLM2Objective(Objective):
+    """The DistiLLM-2 pair loss; owns the offline pairs (when ``pairs: offline``)."""
+
+    name = "distillm2"
+
+    def __init__(self, cfg: DistiLLM2Config, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.offline: Pairs | None = None
+
+    # ------------------------------------------------------------------------ responses
+    def generate_pairs(self, prompts: list[Tensor]) -> tuple[list[Tensor], list[Tensor], dict]:
+        """(teacher responses, student responses, kd/ metrics) sampled now for ``prompts``."""
+        env, cfg = self.env, self.cfg
+        kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, eos_id=env.eos_id, pad_id=env.pad_id,
+                  vocab_size=env.vocab_size, generator=self.generator())
+        dev_prompts = [p.to(env.device) for p in prompts]
+        n = self.max_new_tokens()
+        t_gen = generate(env.teacher, dev_prompts, n, **kw)
+        s_gen = generate(env.student, dev_prompts, n, **kw)
+        logs = {"kd/gen_len": float(s_gen.lengths.float().mean()),
+                "kd/teacher_gen_len": float(t_gen.lengths.float().mean())}
+        return responses_of(t_gen), responses_of(s_gen), logs
+
+    def settings(self) -> dict:
+        """What the offline pairs depend on (a resumed run refuses a file made otherwise)."""
+        cfg = self.cfg
+        return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": self.max_new_tokens()}
+
+    def before_training(self, ctx: BeforeTraining) -> None:
+        if self.cfg.pairs != "offline" or ctx.train_prompts is None or ctx.data_pairs:
+            return
+        path = None if ctx.run_dir is None else ctx.run_dir / FILE_NAME
+        if path is not None and path.is_file():
+            self.offline = read_pairs(path, self.settings())
+            return
+        self.offline = self._generate_offline(ctx)
+        if path is not None and ctx.rank == 0:
+            write_pairs(path, self.settings(), self.offline)
+
+    def _generate_offline(self, ctx: BeforeTraining) -> Pairs:
+        """Pairs for every distinct training prompt, from the initial student; each rank generates a
+        share and the shares are gathered, so every rank holds all pairs."""
+        from tqdm.auto import tqdm
+
+        unique = list({tuple(p.tolist()): p for p in ctx.train_prompts()}.values())
+        mine = unique[ctx.rank :: ctx.world_size]
+        bs = self.cfg.generation_batch_size
+        pairs: Pairs = {}
+        for i in tqdm(range(0, len(mine), bs), desc="DistiLLM-2 offline pairs", disable=ctx.rank != 0):
+            chunk = mine[i : i + bs]
+            teacher, student, _ = self.generate_pairs(chunk)
+            pairs.update({tuple(p.tolist()): (t, s) for p, t, s in zip(chunk, teacher, student)})
+        if ctx.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares: list = [None] * ctx.world_size
+            torch.distributed.all_gather_object(shares, pairs)
+            pairs = {k: v for share in shares for k, v in share.items()}
+        return pairs
+
+    def responses(self, batch: dict) -> tuple[dict, list[Tensor], dict]:
+        """(teacher batch, student responses, kd/ metrics) for this batch's prompts."""
+        env = self.env
+        prompts = [p.cpu() for p in batch["prompts"]]
+        if "student_responses" in batch:  # chosen (teacher) / rejected (student) read from the data
+            return batch, [r.cpu() for r in batch["student_responses"]], {}
+        if self.cfg.pairs == "offline":
+            if self.offline is None:
+                raise ConfigError(
+                    "distillm2.pairs is offline but no pairs were generated before training; "
+                    "train through Trainer.fit (which generates them), or set distillm2.pairs: online"
+                )
+            try:
+                found = [self.offline[tuple(p.tolist())] for p in prompts]
+            except KeyError:
+                raise ConfigError(
+                    "a training prompt has no offline DistiLLM-2 pair (the data changed since the pairs file was "
+                    f"written); delete {FILE_NAME} in the run folder to generate them again"
+                ) from None
+            teacher, student, logs = [t for t, _ in found], [s for _, s in found], {}
+        else:
+            teacher, student, logs = self.generate_pairs(prompts)
+        return to_device(build_sequences(prompts, teacher, env.pad_id), env.device), student, logs
+
+    # ----------------------------------------------------------------------------- loss
+    def loss(self, batch: dict, step: StepInfo, loss_fn) -> StepResult:
+        cfg, env = self.cfg, self.env
+        prompts = [p.cpu() for p in batch["prompts"]]
+        teacher_batch, student_resp, logs = self.responses(batch)
+        student_batch = to_device(build_sequences(prompts, student_resp, env.pad_id), env.device)
+        beta = beta_at(cfg, step.step, step.total)
+        skl, _, p_t, out_t = loss_fn(teacher_batch, "skl", sequence_mean=True, ce_weight=0.0, alpha=cfg.alpha1)
+        srkl, _, p_s, out_s = loss_fn(student_batch, "srkl", sequence_mean=True, ce_weight=0.0, alpha=cfg.alpha2,
+                                      detach_mixture=True)
+        # Sums of per-sequence means; the unit of the mean is the pair.
+        total = (2.0 - beta) * skl + beta * srkl
+        pairs = torch.tensor(float(len(prompts)), device=total.device)
+        parts = {"kd": (2.0 - beta) * p_t["kd"] + beta * p_s["kd"], "ce": p_t["ce"], "agreement": p_t["agreement"]}
+        logs.update({"kd/skl": p_t["kd"], "kd/srkl": p_s["kd"], "kd/beta": beta})
+        return StepResult(total, pairs, parts, [out_t, out_s], logs)

@@ -38,10 +38,14 @@ class ReplayBuffer:
             self.items.append((p.tolist(), r.tolist()))
 
     def sample(self, n: int, rng: random.Random) -> tuple[list[Tensor], list[Tensor]]:
-        """Draw n pairs uniformly (with replacement when n exceeds the size)."""
-        if not self.items:
-            raise RuntimeError("replay buffer is empty")
-        idx = [rng.randrange(len(self.items)) for _ in range(n)]
+        """Draw n distinct pairs uniformly, without replacement (as the DistiLLM repository's
+        ``random.sample``); n must not exceed the buffer's size."""
+        if n > len(self.items):
+            raise ValueError(
+                f"cannot draw {n} distinct pairs from a replay buffer of {len(self.items)}; "
+                "set distillm.capacity to at least the batch size"
+            )
+        idx = rng.sample(range(len(self.items)), n)
         pairs = [self.items[i] for i in idx]
         return [torch.tensor(p, dtype=torch.long) for p, _ in pairs], [torch.tensor(r, dtype=torch.long) for _, r in pairs]
 

@@ -100,7 +100,13 @@ PRESETS = {
     "nano-moe": lambda: ModelConfig(
         n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=64, moe=MoEConfig(n_experts=4, d_expert=32)
     ),
-    # CPU demo sizes.
+    # CPU demo sizes. "student-moe" is the distillation student of recipes/distill.yaml
+    # (configs/model/student_moe.yaml, 0.58 M parameters) and DistillationTask's default student.
+    "student-moe": lambda: ModelConfig(
+        n_layer=4, n_head=4, n_kv_head=2, d_model=96, max_seq_len=512,
+        moe=MoEConfig(n_experts=4, d_expert=96, router=RouterConfig(name="topk_balanced", top_k=2,
+                                                                    aux_loss_weight=0.01, z_loss_weight=0.001)),
+    ),
     "tiny": lambda: ModelConfig(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=344),
     "tiny-moe": lambda: ModelConfig(n_layer=4, n_head=4, n_kv_head=2, d_model=128, moe=MoEConfig(n_experts=4, d_expert=128)),
     "small": lambda: ModelConfig(n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, max_seq_len=1024),

@@ -47,9 +47,12 @@ def left_pad(prompts: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Sample one id per row from logits (B, V); temperature 0 means greedy."""
+                generator: torch.Generator | None = None, vocab_size: int | None = None) -> Tensor:
+    """Sample one id per row from logits (B, V); temperature 0 means greedy. Columns at or beyond
+    ``vocab_size`` (padded LM-head rows, no real token) are never chosen."""
     logits = logits.float()
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[..., :vocab_size]  # ids of the kept columns are unchanged
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -87,6 +90,7 @@ def generate(
     pad_id: int = 0,
     cache_factory: Callable[[int], KVCache] | None = None,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> Generation:
     """Sample continuations for a batch of prompts with one cache shared by the batch.
 
@@ -97,6 +101,7 @@ def generate(
         cache_factory: builds the cache from the number of layers (e.g. ``KVCache`` for full attention, or
             ``policy.new_cache``). None (the default) decodes with the model's deployed cache,
             ``model.new_cache()`` (a plain :class:`KVCache` for a model without policy or sharding).
+        vocab_size: sample only ids below it (the real vocabulary; padded LM-head rows are never sampled).
     """
     if isinstance(prompts, Tensor):
         prompts = list(prompts)
@@ -116,7 +121,7 @@ def generate(
     tokens, generated = [ids], [torch.zeros_like(ids, dtype=torch.bool)]
     done = torch.zeros(b, dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator, vocab_size)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt[:, None])
         generated.append(~done[:, None])

@@ -1,17 +1,17 @@
 """DistillationTask: a frozen teacher guides a (PiKV MoE) student.
 
-The teacher is a guest: built in ``configure_model``, frozen, in eval mode, run under ``no_grad``, never
-in the optimizer, the hyper-parameters or the checkpoint. Losses never build full-vocabulary logits:
-the student's LM head, the divergence and the optional CE run chunk by chunk
-(:func:`pikv_train.distill.chunked_distill_loss`).
+The task only wires objects together and logs: the objective (``distill/``: kd, distillm, distillm2, skd)
+owns its settings and state and builds each step's loss through a :class:`~pikv_train.distill.term.DistillLoss`,
+which owns the student, the teacher and the loss settings. The teacher is a guest: built in
+``configure_model``, frozen, in eval mode, run under ``no_grad``, never in the optimizer, the
+hyper-parameters or the checkpoint. Losses never build full-vocabulary logits: the student's LM head, the
+teacher's head and the divergence run chunk by chunk (:func:`pikv_train.distill.chunked_distill_loss`).
 """
 
 from __future__ import annotations
 
-from pikv_train.errors import ConfigError
-
-import random
-from dataclasses import dataclass
+import warnings
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -19,50 +19,27 @@ from torchmetrics import MeanMetric, SumMetric
 
 from pikv_train.cache.config import CacheConfig, build_policy
 from pikv_train.cache.sharding import ShardingConfig, build_sharding
-from pikv_train.distill import (
-    AdaptiveOffPolicySchedule,
-    DistiLLM2Config,
-    DistiLLMConfig,
-    ReplayBuffer,
-    SKDConfig,
-    chunked_distill_loss,
-    sequence_mean_weights,
-)
-from pikv_train.tasks.onpolicy import _as_rng_state, distillm2_loss, distillm_batch, skd_batch
-from pikv_train.models.config import ModelConfig, MoEConfig
+from pikv_train.distill import DistiLLM2Config, DistiLLMConfig, SKDConfig
+from pikv_train.distill.distillm import DistiLLMObjective
+from pikv_train.distill.distillm2 import DistiLLM2Objective
+from pikv_train.distill.kd import KDObjective
+from pikv_train.distill.objective import BeforeTraining, DistillEnv, Objective, StepInfo
+from pikv_train.distill.skd import SKDObjective
+from pikv_train.distill.term import DistillLoss, DistillLossConfig
+from pikv_train.errors import ConfigError
+from pikv_train.models.config import ModelConfig
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
 from pikv_train.tasks.checks import check_positions, check_vocab
 from pikv_train.tasks.teacher import TeacherConfig, init_student_from, load_teacher
 
-
-@dataclass
-class DistillLossConfig:
-    """Distillation loss: kd_weight * divergence(teacher || student) + ce_weight * CE + router losses."""
-
-    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"] = "fkl"
-    """Token-level divergence between the teacher's and the student's next-token distributions."""
-    kd_weight: float = 1.0
-    """Weight of the divergence."""
-    ce_weight: float = 0.0
-    """Weight of cross-entropy on the data's next tokens."""
-    temperature: float = 1.0
-    """Divides both logit sets inside the divergence (not the CE)."""
-    t2_scale: bool = False
-    """Multiply the divergence by temperature squared (Hinton); off by default."""
-    beta: float = 0.5
-    """JSD mixture weight beta (0 = forward KL, 1 = reverse KL)."""
-    alpha: float = 0.1
-    """Skew alpha of SKL / SRKL."""
-    router_loss_weight: float = 1.0
-    """Multiplier on the student's (already weighted) router losses; cache penalties (DuoAttention's gate L1,
-    ``cache.duo_l1_weight``) keep their own weight."""
-    chunk_size: int = 512
-    """Tokens per chunk of the fused LM head + loss."""
+__all__ = ["DistillationTask", "DistillLossConfig"]
 
 
 def _student_default() -> ModelConfig:
-    return ModelConfig(moe=MoEConfig())
+    # The student of recipes/distill.yaml (configs/model/student_moe.yaml), so the README's sizes hold
+    # for a run that does not name one.
+    return ModelConfig.preset("student-moe")
 
 
 class DistillationTask(TaskBase):
@@ -108,24 +85,23 @@ class DistillationTask(TaskBase):
         super().__init__()
         self.save_hyperparameters()
         self.nonfinite = nonfinite
-        self.distillm_cfg = as_config(DistiLLMConfig, distillm)
-        self.distillm2_cfg = as_config(DistiLLM2Config, distillm2)
-        self.skd_cfg = as_config(SKDConfig, skd)
-        self.schedule = AdaptiveOffPolicySchedule(self.distillm_cfg)
-        self.replay = ReplayBuffer(self.distillm_cfg.capacity)
-        # Sampler randomness (source draws, replay picks, generation) has its own seeded streams.
-        self.rng = random.Random(seed)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.loss_cfg = as_config(DistillLossConfig, loss)
+        self.objective: Objective = {
+            "kd": lambda: KDObjective(self.loss_cfg, seed),
+            "distillm": lambda: DistiLLMObjective(as_config(DistiLLMConfig, distillm), seed),
+            "distillm2": lambda: DistiLLM2Objective(as_config(DistiLLM2Config, distillm2), seed),
+            "skd": lambda: SKDObjective(as_config(SKDConfig, skd), seed),
+        }[objective]()
         self.student = Decoder(as_config(ModelConfig, student))
         self.student.activation_checkpointing = activation_checkpointing
         if student_init:
             init_student_from(self.student, student_init)
         self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))
         self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache), self.student.cfg))
-        self.teacher: Decoder | None = None
+        self.teacher = None
         self.shared_vocab: int | None = None  # set for Hugging Face teachers with padded LM heads
+        self.distill_loss: DistillLoss | None = None
         self.teacher_cfg = as_config(TeacherConfig, teacher)
-        self.loss_cfg = as_config(DistillLossConfig, loss)
         self.optim_cfg = as_config(OptimConfig, optim)
         # The checkpoint holds the student only; loading it must not require teacher keys.
         self.strict_loading = False
@@ -156,6 +132,7 @@ class DistillationTask(TaskBase):
         self._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in self.teacher.named_parameters()] + [
             f"teacher.{n}" for n, _ in self.teacher.named_buffers()
         ]
+        self.distill_loss = DistillLoss(self.student, self.teacher, self.loss_cfg, self.shared_vocab)
 
     def _check_hf_teacher(self, teacher) -> None:
         """Same tokenizer as the data; compare only the shared real vocabulary (padded heads are sliced)."""
@@ -170,13 +147,22 @@ class DistillationTask(TaskBase):
                 f"student vocab_size={self.student.cfg.vocab_size} is smaller than the teacher tokenizer's {real} "
                 f"tokens; set student.vocab_size to at least {real}"
             )
-        if self.hparams.objective == "skd" or (self.hparams.objective == "distillm2"):
-            raise ConfigError(
-                f"objective {self.hparams.objective!r} decodes with the teacher's KV cache, which Hugging Face "
-                "teachers do not support here yet; use a pikv_train teacher checkpoint, or distillm / kd"
-            )
         # Distill over the real shared vocabulary only: padded rows of either head are ignored.
         self.shared_vocab = real
+
+    def _env(self) -> DistillEnv:
+        """What the objective needs from this run: the models and the token conventions."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None)
+        hp = getattr(dm, "hparams", None)
+        vocab = self.shared_vocab or min(self.student.cfg.vocab_size, self.teacher.cfg.vocab_size)
+        if tok is not None:
+            vocab = min(vocab, tok.vocab_size)  # a student head padded past the tokenizer never samples padding
+        return DistillEnv(
+            student=self.student, teacher=self.teacher, vocab_size=vocab,
+            eos_id=getattr(tok, "eos_id", None), pad_id=getattr(tok, "pad_id", 0),
+            response_len=getattr(hp, "response_len", None),
+        )
 
     def setup(self, stage: str) -> None:
         self.preflight()
@@ -186,10 +172,24 @@ class DistillationTask(TaskBase):
         check_vocab(self.trainer, self.student.cfg.vocab_size, "student")
         check_positions(self.trainer, self.student.cfg.max_seq_len, "student")
         dm = getattr(self.trainer, "datamodule", None)
-        if self.hparams.objective != "kd" and dm is not None and getattr(dm.hparams, "mode", "prompts") != "prompts":
+        hp = getattr(dm, "hparams", None)
+        name = self.objective.name
+        if self.objective.needs_prompts and hp is not None and getattr(hp, "mode", "prompts") != "prompts":
             raise ConfigError(
-                f"objective {self.hparams.objective!r} samples responses to prompts; set data.mode: prompts "
+                f"objective {name!r} samples responses to prompts; set data.mode: prompts "
                 "(with data.prompt_len / data.response_len, or prompt/response fields)"
+            )
+        if self.objective.needs_prompts and hp is not None:
+            new = getattr(self.objective.cfg, "max_new_tokens", None) or hp.response_len
+            if hp.prompt_len + new > self.student.cfg.max_seq_len:
+                raise ConfigError(
+                    f"{name}: data.prompt_len ({hp.prompt_len}) + generated tokens ({new}) exceed the student's "
+                    f"max_seq_len={self.student.cfg.max_seq_len}; lower {name}.max_new_tokens or data.prompt_len"
+                )
+        if name == "distillm" and hp is not None and self.objective.cfg.capacity < hp.batch_size:
+            raise ConfigError(
+                f"distillm.capacity={self.objective.cfg.capacity} is smaller than data.batch_size={hp.batch_size}: "
+                "a replay batch draws distinct pairs; raise distillm.capacity"
             )
 
     def train(self, mode: bool = True):
@@ -204,61 +204,46 @@ class DistillationTask(TaskBase):
         return type(sd)((k, v) for k, v in sd.items() if not k.startswith(prefix + "teacher."))
 
     # -------------------------------------------------------------------- steps
-    @torch.no_grad()
-    def teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, d_t) final hidden states of the frozen teacher."""
-        return self.teacher(input_ids).hidden
+    def on_train_start(self) -> None:
+        self.objective.bind(self._env())
+        self.objective.before_training(self._before_training())
 
-    def divergence_loss(self, batch, divergence: str, *, sequence_mean: bool = False, ce_weight: float | None = None,
-                        **div_kw) -> tuple[torch.Tensor, torch.Tensor, dict, object]:
-        """Student forward + fused chunked divergence (+ CE) on ``batch``'s loss tokens.
-
-        Returns (summed loss, count of loss units, detached per-unit parts, student output). With
-        ``sequence_mean`` each sequence's tokens are averaged first and the unit is the sequence
-        (DistiLLM-2, SKD); otherwise the unit is the token.
-        """
-        cfg = self.loss_cfg
-        t_hidden = self.teacher_hidden(batch["input_ids"])
-        out = self.student(batch["input_ids"])
-        mask = batch["loss_mask"]
-        n_seq = (mask.sum(1) > 0).sum()
-        # sequence_mean_weights averages over sequences too; times n_seq gives per-sequence means to sum.
-        weights = (sequence_mean_weights(mask) * n_seq).flatten() if sequence_mean else mask.flatten().bool()
-        total, parts = chunked_distill_loss(
-            out.hidden.flatten(0, 1), self.student.head_weight,
-            t_hidden.flatten(0, 1).to(out.hidden.dtype), self.teacher.head_weight.to(out.hidden.dtype),
-            mask=weights, divergence=divergence, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
-            t2_scale=cfg.t2_scale, targets=batch["targets"].flatten(),
-            ce_weight=cfg.ce_weight if ce_weight is None else ce_weight, kd_weight=cfg.kd_weight,
-            reduction="sum", return_parts=True, vocab_size=self.shared_vocab, **div_kw,
+    def _before_training(self) -> BeforeTraining:
+        dm = getattr(self.trainer, "datamodule", None)
+        has_val = dm is not None and getattr(dm, "val_set", None) is not None and len(dm.val_set) > 0
+        if self.objective.name == "distillm" and not has_val:
+            warnings.warn("objective distillm without a validation split: phi never rises from distillm.init_phi; "
+                          "set data.val_fraction > 0 for the adaptive schedule", stacklevel=2)
+        ckpt = self.trainer.checkpoint_callback
+        dirpath = getattr(ckpt, "dirpath", None)
+        run_dir = Path(dirpath).parent if dirpath else Path(self.trainer.default_root_dir)
+        train_set = getattr(dm, "train_set", None)
+        return BeforeTraining(
+            val_loss=self.validation_loss if has_val else None,
+            train_prompts=(lambda: [ex["prompt"] for ex in train_set]) if train_set is not None else None,
+            run_dir=run_dir, rank=self.global_rank, world_size=self.trainer.world_size,
+            data_pairs=bool(train_set) and "student_response" in train_set[0],
         )
-        count = n_seq if sequence_mean else mask.sum()
-        n = mask.sum().clamp_min(1)
-        parts = dict(parts, kd=parts["kd"] / (count.clamp_min(1)), ce=parts["ce"] / (count.clamp_min(1)),
-                     agreement=parts["top1_agree"].float() / n)
-        return total, count, parts, out
 
-    def _div_kwargs(self) -> dict:
-        cfg = self.loss_cfg
-        return {"beta": cfg.beta} if cfg.divergence == "jsd" else {"alpha": cfg.alpha} if cfg.divergence in ("skl", "srkl") else {}
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The student's token-mean validation CE (``val/loss``) over the whole validation split, now."""
+        was = self.student.training
+        self.student.eval()
+        nll = n = 0.0
+        for batch in self.trainer.datamodule.val_dataloader():
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            parts = self.distill_loss.validation(batch)
+            nll, n = nll + float(parts["ce"]), n + float(parts["n"])
+        self.student.train(was)
+        return nll / max(n, 1.0)
 
     def training_step(self, batch, batch_idx):
-        objective = self.hparams.objective
-        logs: dict[str, torch.Tensor | float] = {}
-        if objective == "kd":
-            total, count, parts, out = self.divergence_loss(batch, self.loss_cfg.divergence, **self._div_kwargs())
-            outs = [out]
-        elif objective == "distillm":
-            batch, logs = distillm_batch(self, batch)
-            cfg = self.distillm_cfg
-            total, count, parts, out = self.divergence_loss(batch, cfg.divergence, alpha=cfg.alpha, detach_mixture=False)
-            outs = [out]
-        elif objective == "distillm2":
-            total, count, parts, outs, logs = distillm2_loss(self, batch)
-        else:  # skd
-            batch, logs = skd_batch(self, batch)
-            total, count, parts, out = self.divergence_loss(batch, "fkl", sequence_mean=True)
-            outs = [out]
+        if self.objective.env is None:  # a step outside Trainer.fit (tests, manual loops)
+            self.objective.bind(self._env())
+        step = StepInfo(self.global_step, total_training_steps(self.trainer) if self._trainer is not None else 1)
+        res = self.objective.loss(batch, step, self.distill_loss)
+        total, count, parts, outs = res.total, res.count, res.parts, res.outs
         # Router losses (weighted by router_loss_weight) and hook penalties with their own weights (e.g.
         # DuoAttention's gate L1, cache.duo_l1_weight), each averaged over the student forwards.
         router_loss = sum(self.log_routing(o) for o in outs) / len(outs)
@@ -268,7 +253,7 @@ class DistillationTask(TaskBase):
         self.check_finite({"kd/loss": parts["kd"], "kd/ce": parts["ce"], "router/loss": router_loss.detach()})
         self.log_dict(
             {"train/loss": mean_loss, "kd/loss": parts["kd"], "kd/ce": parts["ce"], "kd/agreement": parts["agreement"],
-             **{k: torch.as_tensor(v, dtype=torch.float32) for k, v in logs.items()}},
+             **{k: torch.as_tensor(v, dtype=torch.float32) for k, v in res.logs.items()}},
             on_step=True,
         )
         self.log("train/kd", parts["kd"], prog_bar=True, on_step=True, logger=False)
@@ -276,17 +261,8 @@ class DistillationTask(TaskBase):
 
     def validation_step(self, batch, batch_idx):
         # Always FKL + CE at validation, whatever the training divergence: comparable across recipes.
-        cfg = self.loss_cfg
-        t_hidden = self.teacher_hidden(batch["input_ids"])
-        out = self.student(batch["input_ids"])
-        mask = batch["loss_mask"].flatten().bool()
-        _, parts = chunked_distill_loss(
-            out.hidden.flatten(0, 1), self.student.head_weight, t_hidden.flatten(0, 1).to(out.hidden.dtype),
-            self.teacher.head_weight.to(out.hidden.dtype),
-            mask=mask, divergence="fkl", chunk_size=cfg.chunk_size, targets=batch["targets"].flatten(),
-            ce_weight=1.0, kd_weight=1.0, return_parts=True, reduction="sum", vocab_size=self.shared_vocab,
-        )
-        n = mask.sum()
+        parts = self.distill_loss.validation(batch)
+        n = parts["n"]
         self.log_val_nll(parts["ce"], n)
         if n > 0:
             self.val_kd.update(parts["kd"] / n, weight=n)
@@ -295,9 +271,10 @@ class DistillationTask(TaskBase):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self.hparams.objective == "distillm" and not self.trainer.sanity_checking and hasattr(self, "last_eval_loss"):
-            if self.schedule.on_validation(self.last_eval_loss):
-                self.print(f"DistiLLM: validation loss rose by more than loss_eps; phi -> {self.schedule.phi:.2f}")
+        if not self.trainer.sanity_checking and hasattr(self, "last_eval_loss"):
+            message = self.objective.on_validation(self.last_eval_loss)
+            if message:
+                self.print(message)
         if self.val_kd.update_count:
             self.log("val/kd", self.val_kd.compute())
             self.log("val/agreement", self.val_agree.compute() / self.val_count.compute().clamp_min(1))
@@ -314,17 +291,14 @@ class DistillationTask(TaskBase):
         super().on_save_checkpoint(checkpoint)
         checkpoint["pikv_model_config"] = self.student.cfg.to_dict()
         checkpoint["pikv_task"] = "distill"
-        # Sampler state, so a resumed run continues the same schedule (DistiLLM phi, replay buffer, RNGs).
-        checkpoint["pikv_sampler"] = {
-            "schedule": self.schedule.state_dict(), "replay": self.replay.state_dict(),
-            "rng": self.rng.getstate(), "gen": self.gen.get_state(),
-        }
+        # The objective's state, so a resumed run continues the same schedule (DistiLLM phi, replay, RNGs).
+        checkpoint["pikv_objective"] = {"name": self.objective.name, "state": self.objective.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("pikv_sampler")
-        if state:
-            self.schedule.load_state_dict(state["schedule"])
-            self.replay.load_state_dict(state["replay"])
-            self.rng.setstate(_as_rng_state(state["rng"]))
-            self.gen.set_state(state["gen"])
+        saved = checkpoint.get("pikv_objective")
+        if saved is None and checkpoint.get("pikv_sampler"):
+            # Checkpoints written before objectives were objects kept {schedule, replay, rng, gen} here.
+            saved = {"name": self.objective.name, "state": checkpoint["pikv_sampler"]}
+        if saved and saved.get("name") == self.objective.name:
+            self.objective.load_state_dict(saved["state"])

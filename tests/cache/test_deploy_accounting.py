@@ -130,7 +130,8 @@ def test_duo_attention_penalty_keeps_its_weight_when_router_losses_are_off():
         zero = out.hidden.sum() * 0
         return zero, torch.tensor(1.0), {"kd": zero, "ce": zero, "agreement": zero}, out
 
-    task.divergence_loss = no_kd
+    task.distill_loss = no_kd
+    task.objective.env = object()  # bound: no teacher or data needed to isolate the penalty
     task.training_step({"input_ids": ids}, 0).backward()
     gates = task.student.cache_policy.gates
     # d/dg of 0.5 * mean|g| with g = 1: 0.5 / n_gates each (the L1 term alone, the KD term is zero)

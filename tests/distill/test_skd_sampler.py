@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from pikv_train.distill.skd import SKDConfig, speculative_kd_sample
+from functools import partial
+
+from pikv_train.distill.skd import SKDConfig as _SKDConfig, speculative_kd_sample
+
+# Plain sampling (T = 1, no nucleus) unless a test says otherwise: the published defaults are checked below.
+SKDConfig = partial(_SKDConfig, student_temperature=1.0, student_top_p=1.0, teacher_temperature=1.0, teacher_top_p=1.0)
 from pikv_train.models import Decoder, ModelConfig, generate
 
 
@@ -83,3 +88,98 @@ def test_k_equal_vocab_with_a_cache_policy_equals_sampling_with_the_deployed_cac
     ref = generate(student, _prompts(), 13, temperature=1.0, generator=torch.Generator().manual_seed(3))
     for i, r in enumerate(res.responses):
         assert torch.equal(r, ref.tokens[i, ref.prompt_len :]), i
+
+
+# ------------------------------------------------------------------------ at the position limit (issue 11)
+def _record_positions(model, seen: list[int]):
+    plain = model.forward
+
+    def forward(ids, *, positions=None, cache=None, **kw):
+        if positions is not None:
+            seen.append(int(positions.max()))
+        return plain(ids, positions=positions, cache=cache, **kw)
+
+    model.forward = forward
+    return model
+
+
+def _at_limit_pair(max_new: int):
+    # Both models have exactly prompt + max_new_tokens positions: the preflight check accepts this.
+    torch.manual_seed(0)
+    limit = 8 + max_new
+    student = _sharpen(Decoder(ModelConfig.preset("nano-moe", max_seq_len=limit)).eval())
+    teacher = _sharpen(Decoder(ModelConfig.preset("nano", n_layer=3, max_seq_len=limit)).eval())
+    return student, teacher, limit
+
+
+def _limit_prompts():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (n,), generator=g) for n in (8, 5, 8, 2)]
+
+
+def test_accept_all_rows_stop_at_the_position_limit():
+    max_new = 11  # not a multiple of gamma: the last round is truncated
+    student, teacher, limit = _at_limit_pair(max_new)
+    seen_s, seen_t = [], []
+    _record_positions(student, seen_s), _record_positions(teacher, seen_t)
+    res = speculative_kd_sample(student, teacher, _limit_prompts(), SKDConfig(gamma=5, top_k=258), max_new,
+                                generator=torch.Generator().manual_seed(0))
+    assert [len(r) for r in res.responses] == [max_new] * 4
+    assert res.acceptance_rate == 1.0 and res.proposed == 4 * max_new  # no proposal beyond a row's room
+    assert max(seen_s) <= limit - 1 and max(seen_t) <= limit - 1
+
+
+def test_reject_all_rows_stop_at_the_position_limit_and_finished_rows_stop_advancing():
+    max_new = 9
+    student, teacher, limit = _at_limit_pair(max_new)
+    plain_s = student.logits
+    student.logits = lambda h: plain_s(h).index_fill(-1, torch.tensor([7, 256]), float("-inf"))  # never 7 or EOS
+    # The teacher's top-1 is always 7 (which the student never proposes), except EOS (256) at position 11.
+    eos_at = 11
+
+    def teacher_logits(h):
+        out = torch.zeros(*h.shape[:-1], 258)
+        out[..., 7] = 30.0
+        return out
+
+    teacher.logits = teacher_logits
+    seen_s, seen_t = [], []
+    _record_positions(student, seen_s), _record_positions(teacher, seen_t)
+    res = speculative_kd_sample(student, teacher, _limit_prompts(), SKDConfig(gamma=4, top_k=1, teacher_temperature=0.0),
+                                max_new, generator=torch.Generator().manual_seed(0))
+    assert res.accepted == 0 and res.replaced == 4 * max_new
+    assert all(r.tolist() == [7] * max_new for r in res.responses)
+    assert max(seen_s) <= limit - 1 and max(seen_t) <= limit - 1
+    # A row that finished early (EOS) stops advancing: its positions stay below its own end.
+    teacher.logits = lambda h: torch.nn.functional.one_hot(torch.full(h.shape[:-1], 256), 258).float() * 30
+    seen_s.clear(), seen_t.clear()
+    prompts = _limit_prompts()
+    res = speculative_kd_sample(student, teacher, prompts, SKDConfig(gamma=4, top_k=1, teacher_temperature=0.0),
+                                max_new, eos_id=256, generator=torch.Generator().manual_seed(0))
+    assert [r.tolist() for r in res.responses] == [[256]] * 4
+    assert max(seen_t) <= max(len(p) for p in prompts) - 1 + 3  # one round of gamma = 4, then nothing more
+    del eos_at
+
+
+def test_padded_vocabulary_is_never_proposed_sampled_or_accepted():
+    torch.manual_seed(0)
+    student = Decoder(ModelConfig.preset("nano-moe", vocab_size=300)).eval()
+    teacher = Decoder(ModelConfig.preset("nano", vocab_size=300)).eval()
+    for m in (student, teacher):  # both heads favour the padded ids 258..299 heavily
+        plain = m.logits
+        m.logits = lambda h, plain=plain: plain(h) + torch.cat([torch.zeros(258), torch.full((42,), 20.0)])
+    prompts = _prompts()
+    res = speculative_kd_sample(student, teacher, prompts, SKDConfig(gamma=3, top_k=5), 8, vocab_size=258,
+                                generator=torch.Generator().manual_seed(0))
+    assert all(int(r.max()) < 258 for r in res.responses)
+    gen = generate(student, prompts, 8, vocab_size=258, generator=torch.Generator().manual_seed(0))
+    assert int(gen.tokens[gen.generated].max()) < 258
+    # Without the limit the padded ids are what gets sampled: the test would catch a missing mask.
+    gen = generate(student, prompts, 8, generator=torch.Generator().manual_seed(0))
+    assert int(gen.tokens[gen.generated].max()) >= 258
+
+
+def test_defaults_are_the_skd_repository_training_config():
+    cfg = _SKDConfig()
+    assert (cfg.gamma, cfg.top_k, cfg.student_temperature, cfg.student_top_p, cfg.teacher_temperature,
+            cfg.teacher_top_p) == (5, 25, 0.5, 0.5, 0.2, 0.5)

@@ -22,7 +22,7 @@ from pikv_train.models import Decoder, ModelConfig, generate
 from pikv_train.models.config import MoEConfig
 from pikv_train.routing import RouterConfig
 from pikv_train.tasks import DistillationTask, LanguageModelTask
-from pikv_train.tasks.onpolicy import distillm2_loss, distillm_batch
+from pikv_train.distill import DistillEnv, DistillLoss, DistillLossConfig, StepInfo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,7 +154,7 @@ def _distill_task(objective: str, **kw) -> DistillationTask:
     _peaky(task.student).eval()
     torch.manual_seed(1)
     task.teacher = Decoder(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64)).eval()
-    task._trainer = SimpleNamespace(datamodule=None, global_step=0, max_steps=10)
+    task.objective.bind(DistillEnv(student=task.student, teacher=task.teacher, vocab_size=258, response_len=16))
     return task
 
 
@@ -162,7 +162,7 @@ def test_distillm_fresh_generations_use_the_deployed_cache():
     task = _distill_task("distillm", distillm=DistiLLMConfig(init_phi=1.0, max_new_tokens=16))
     prompts = _prompts()
     log = _record_logits(task.student)
-    batch, logs = distillm_batch(task, {"prompts": prompts, "response_lens": torch.tensor([16, 16, 16])})
+    batch, logs = task.objective.training_batch({"prompts": prompts}, StepInfo(0, 10))
     assert logs["kd/source_fresh"] == 1.0
     seqs = [torch.cat([batch["input_ids"][i, :1], batch["targets"][i]])[: int(pl + rl)]
             for i, (pl, rl) in enumerate(zip(batch["prompt_lens"], batch["response_lens"]))]
@@ -171,17 +171,16 @@ def test_distillm_fresh_generations_use_the_deployed_cache():
 
 
 def test_distillm2_student_responses_use_the_deployed_cache():
-    task = _distill_task("distillm2", distillm2=DistiLLM2Config(max_new_tokens=16))
+    task = _distill_task("distillm2", distillm2=DistiLLM2Config(max_new_tokens=16, pairs="online"))
     prompts = _prompts()
     log = _record_logits(task.student)
-    batches, plain_loss = [], task.divergence_loss
+    batches, plain_loss = [], DistillLoss(task.student, task.teacher, DistillLossConfig())
 
     def divergence_loss(batch, *a, **kw):
         batches.append(batch)
         return plain_loss(batch, *a, **kw)
 
-    task.divergence_loss = divergence_loss
-    distillm2_loss(task, {"prompts": prompts, "response_lens": torch.tensor([16, 16, 16])})
+    task.objective.loss({"prompts": prompts}, StepInfo(0, 10), divergence_loss)
     teacher_batch, student_batch = batches
     seqs = [torch.cat([student_batch["input_ids"][i, :1], student_batch["targets"][i]])[: len(p) + 16]
             for i, p in enumerate(prompts)]

@@ -59,8 +59,8 @@ def test_four_micro_batches_equal_one_batch(kind, teacher_ckpt, tmp_path):
             return LanguageModelTask(model=ModelConfig.preset("nano"))
         task = DistillationTask(student=ModelConfig.preset("nano"), teacher=TeacherConfig(checkpoint=teacher_ckpt))
         if kind != "kd":
-            plain = task.divergence_loss
-            task.divergence_loss = lambda b, d, **kw: plain(b, d, sequence_mean=True, **kw)
+            plain = task.objective.loss
+            task.objective.loss = lambda b, s, loss_fn: plain(b, s, lambda b2, d, **kw: loss_fn(b2, d, sequence_mean=True, **kw))
         return task
 
     one = _grads(make(), _data(tmp_path, 8), 1, tmp_path)

@@ -65,14 +65,60 @@ def test_schedule_split_matches_the_published_rule():
     assert picks.count("fresh") / 1e4 == pytest.approx(0.30, abs=1e-3) and "replay" not in picks
 
 
-def test_phi_rises_only_when_validation_loss_rises_by_more_than_eps():
+@pytest.mark.parametrize("losses, phi", [
+    ([2.0, 2.15, 2.2, 2.3], 0.2),  # 2.15 >= 2.1 raises (reference -> 2.15); 2.2 < 2.25; 2.3 >= 2.25 raises
+    ([2.0, 1.5, 1.65, 1.8], 0.0),  # never 0.1 above the pre-training reference 2.0
+    ([2.0, 2.1], 0.1),  # exactly reference + eps raises (>=)
+])
+def test_phi_follows_the_distillm_repository_rule(losses, phi):
     sched = AdaptiveOffPolicySchedule(DistiLLMConfig(loss_eps=0.1))
-    assert not sched.on_validation(2.0)
-    assert not sched.on_validation(2.05) and sched.phi == 0.0  # rise of 0.05 <= eps
-    assert sched.on_validation(2.2) and sched.phi == pytest.approx(0.1)
-    for v in (2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8, 4.0, 4.2):
+    for v in losses:  # the first is the validation before training (the reference)
         sched.on_validation(v)
-    assert sched.phi == 1.0  # capped
+    assert sched.phi == pytest.approx(phi)
+
+
+def test_phi_is_capped_at_one():
+    sched = AdaptiveOffPolicySchedule(DistiLLMConfig(loss_eps=0.1))
+    for v in [2.0 + 0.2 * i for i in range(15)]:
+        sched.on_validation(v)
+    assert sched.phi == 1.0
+
+
+def test_the_reference_is_a_validation_pass_before_training(teacher_ckpt, tmp_path):
+    torch.manual_seed(0)
+    task = _task(teacher_ckpt, "distillm")
+    dm = _prompt_dm()
+    # The same student before any step, scored on the whole validation split by hand.
+    expected_task = _task(teacher_ckpt, "distillm")
+    expected_task.student.load_state_dict(task.student.state_dict())
+    expected_task.configure_model()
+    expected_task.student.eval()
+    dm.setup()
+    nll = n = 0.0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            s = expected_task.student.logits(expected_task.student(batch["input_ids"]).hidden)
+            m = batch["loss_mask"]
+            nll += float(torch.nn.functional.cross_entropy(s[m], batch["targets"][m], reduction="sum"))
+            n += float(m.sum())
+    _trainer(tmp_path, steps=1, limit_val_batches=0).fit(task, datamodule=dm)
+    assert task.objective.schedule.reference == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_replay_draws_distinct_pairs():
+    buf = ReplayBuffer(capacity=5)
+    buf.push([torch.tensor([i]) for i in range(5)], [torch.tensor([i]) for i in range(5)])
+    for seed in range(20):
+        prompts, _ = buf.sample(5, random.Random(seed))
+        assert sorted(int(p) for p in prompts) == [0, 1, 2, 3, 4]  # without replacement
+    with pytest.raises(ValueError, match="capacity"):
+        buf.sample(6, random.Random(0))
+
+
+def test_replay_capacity_below_batch_size_is_refused(teacher_ckpt, tmp_path):
+    task = _task(teacher_ckpt, "distillm", distillm=DistiLLMConfig(capacity=2))
+    with pytest.raises(ConfigError, match="distillm.capacity=2 is smaller than data.batch_size=3"):
+        _trainer(tmp_path).fit(task, datamodule=_prompt_dm())
 
 
 def test_phi_zero_never_samples(teacher_ckpt, tmp_path):
@@ -80,7 +126,7 @@ def test_phi_zero_never_samples(teacher_ckpt, tmp_path):
     seen = []
     task.log_dict = lambda d, **kw: seen.append({k: float(v) for k, v in d.items() if k.startswith("kd/source")})
     _trainer(tmp_path, steps=4, limit_val_batches=0).fit(task, datamodule=_prompt_dm())
-    assert len(task.replay) == 0
+    assert len(task.objective.replay) == 0
     assert seen and all(s["kd/source_dataset"] == 1.0 for s in seen if s)
 
 
@@ -93,10 +139,10 @@ def test_phi_one_generates_fills_replay_then_replays(teacher_ckpt, tmp_path):
     _trainer(tmp_path, steps=6, limit_val_batches=0).fit(task, datamodule=_prompt_dm())
     sources = [s for s in sources if s]
     assert sources[:2] == ["kd/source_fresh", "kd/source_fresh"]  # 2 batches of 3 fill capacity 6
-    assert len(task.replay) == 6 and "kd/source_dataset" not in sources
+    assert len(task.objective.replay) == 6 and "kd/source_dataset" not in sources
     assert "kd/source_replay" in sources[2:]
     # Replayed pairs are (prompt, student response) token ids: the prompt comes from the data.
-    prompt, response = task.replay.items[0]
+    prompt, response = task.objective.replay.items[0]
     assert len(prompt) == 8 and 1 <= len(response) <= 6
 
 
@@ -107,21 +153,22 @@ def test_replay_buffer_capacity_and_state_round_trip():
     again = ReplayBuffer(capacity=1)
     again.load_state_dict(buf.state_dict())
     assert list(again.items) == list(buf.items) and again.capacity == 3
-    prompts, responses = buf.sample(4, random.Random(0))
-    assert len(prompts) == 4 and all(len(r) == 2 for r in responses)
+    prompts, responses = buf.sample(3, random.Random(0))
+    assert len(prompts) == 3 and all(len(r) == 2 for r in responses)
 
 
 def test_sampler_state_is_checkpointed(teacher_ckpt, tmp_path):
     task = _task(teacher_ckpt, "distillm", distillm=DistiLLMConfig(init_phi=1.0, capacity=4))
     trainer = _trainer(tmp_path, steps=2, limit_val_batches=0)
     trainer.fit(task, datamodule=_prompt_dm())
-    task.schedule.phi = 0.7
+    task.objective.schedule.phi = 0.7
     trainer.save_checkpoint(tmp_path / "s.ckpt")
     ckpt = torch.load(tmp_path / "s.ckpt", weights_only=False)
     fresh = _task(teacher_ckpt, "distillm", distillm=DistiLLMConfig(capacity=4))
     fresh.on_load_checkpoint(ckpt)
-    assert fresh.schedule.phi == 0.7 and list(fresh.replay.items) == list(task.replay.items)
-    assert fresh.rng.random() == task.rng.random()
+    assert fresh.objective.schedule.phi == 0.7
+    assert list(fresh.objective.replay.items) == list(task.objective.replay.items)
+    assert fresh.objective.rng.random() == task.objective.rng.random()
 
 
 def test_on_policy_objective_needs_prompt_data(teacher_ckpt, tmp_path):
@@ -170,7 +217,7 @@ def test_distillm2_beta_curriculum():
 
 
 def test_distillm2_online_generation_trains(teacher_ckpt, tmp_path):
-    task = _task(teacher_ckpt, "distillm2")
+    task = _task(teacher_ckpt, "distillm2", distillm2=DistiLLM2Config(pairs="online"))
     logged = {}
     task.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})
     _trainer(tmp_path, steps=2, limit_val_batches=0).fit(task, datamodule=_prompt_dm())
@@ -188,3 +235,139 @@ def test_skd_objective_logs_acceptance_and_trains(teacher_ckpt, tmp_path):
     assert logged["kd/skd_acceptance"] == 1.0  # K = V: on-policy, every student token accepted
     assert logged["kd/gen_len"] == 6.0
     assert any(not torch.equal(a, b) for a, b in zip(before, task.student.parameters()))
+
+
+# ------------------------------------------------------------------ generation settings (all on-policy)
+def _bound(objective, response_len=12, vocab=258, **kw):
+    """An objective bound to a tiny student/teacher pair, without a trainer."""
+    from pikv_train.distill import DistillEnv
+    from pikv_train.models.decoder import Decoder
+
+    torch.manual_seed(0)
+    student = Decoder(ModelConfig.preset("nano-moe", vocab_size=vocab)).eval()
+    teacher = Decoder(ModelConfig.preset("nano", vocab_size=vocab)).eval()
+    task = DistillationTask(student=ModelConfig.preset("nano-moe", vocab_size=vocab), objective=objective, **kw)
+    task.objective.bind(DistillEnv(student=student, teacher=teacher, vocab_size=min(vocab, 258), eos_id=None,
+                                   pad_id=257, response_len=response_len))
+    return task.objective
+
+
+def _varied_batch():
+    g = torch.Generator().manual_seed(1)
+    from pikv_train.data.prompts import build_sequences
+
+    prompts = [torch.randint(0, 256, (8,), generator=g) for _ in range(3)]
+    refs = [torch.randint(0, 256, (n,), generator=g) for n in (2, 3, 5)]  # references shorter than response_len
+    return dict(build_sequences(prompts, refs, 257), prompts=prompts)
+
+
+def _generated_lengths(objective, batch):
+    from pikv_train.distill import DistillLoss, DistillLossConfig, StepInfo
+
+    env = objective.env
+    seen = []
+    loss = DistillLoss(env.student, env.teacher, DistillLossConfig())
+
+    def record(b, *a, **kw):
+        seen.append(b)
+        return loss(b, *a, **kw)
+
+    objective.loss(batch, StepInfo(0, 10), record)
+    return [b["response_lens"].tolist() for b in seen]
+
+
+@pytest.mark.parametrize("objective, kw", [
+    ("distillm", {"distillm": DistiLLMConfig(init_phi=1.0)}),
+    ("distillm2", {"distillm2": DistiLLM2Config(pairs="online")}),
+    ("skd", {"skd": SKDConfig(gamma=5, top_k=25)}),
+])
+def test_generation_length_is_the_data_response_len_not_the_batch_references(objective, kw):
+    obj = _bound(objective, response_len=12, **kw)
+    lengths = _generated_lengths(obj, _varied_batch())
+    generated = lengths if objective != "distillm2" else lengths[1:]  # distillm2: [teacher, student] batches
+    if objective == "distillm2":
+        assert lengths[0] == [12, 12, 12]  # the teacher's responses too
+    assert generated == [[12, 12, 12]]
+
+
+def test_explicit_max_new_tokens_wins_over_response_len():
+    obj = _bound("skd", response_len=12, skd=SKDConfig(max_new_tokens=4))
+    assert _generated_lengths(obj, _varied_batch()) == [[4, 4, 4]]
+
+
+@pytest.mark.parametrize("objective, kw", [
+    ("distillm", {"distillm": DistiLLMConfig(init_phi=1.0)}),
+    ("distillm2", {"distillm2": DistiLLM2Config(pairs="online")}),
+    ("skd", {"skd": SKDConfig(gamma=3, top_k=5)}),
+])
+def test_on_policy_objectives_generate_only_real_vocabulary_ids(objective, kw):
+    obj = _bound(objective, response_len=8, vocab=320, **kw)  # heads padded to 320 rows, 258 real tokens
+    for m in (obj.env.student, obj.env.teacher):  # make the padded rows the likeliest by far
+        plain = m.logits
+        m.logits = lambda h, plain=plain: plain(h) + torch.cat([torch.zeros(258), torch.full((62,), 30.0)])
+    seen = []
+    from pikv_train.distill import DistillLoss, DistillLossConfig, StepInfo
+
+    loss = DistillLoss(obj.env.student, obj.env.teacher, DistillLossConfig(), vocab_size=258)
+    obj.loss(_varied_batch(), StepInfo(0, 10), lambda b, *a, **k: (seen.append(b), loss(b, *a, **k))[1])
+    for b in seen:
+        assert int(b["input_ids"].max()) < 258 and int(b["targets"].max()) < 258
+
+
+def test_published_sampling_defaults():
+    assert (DistiLLM2Config().pairs, DistiLLM2Config().temperature, DistiLLM2Config().top_p) == ("offline", 0.8, 0.95)
+    assert (DistiLLMConfig().temperature, DistiLLMConfig().top_p) == (1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ DistiLLM-2 offline pairs
+def test_distillm2_offline_pairs_are_generated_once_stored_and_reused_on_resume(teacher_ckpt, tmp_path):
+    from pikv_train.distill.pairs_file import FILE_NAME
+
+    rows = [{"prompt": f"q{i}: what is {i} + {i}?", "answer": f"{2 * i}"} for i in range(10)]
+    f = tmp_path / "qa.json"
+    f.write_text(json.dumps(rows))
+
+    def _dm():  # 10 prompts (prompts cut to 8 tokens are all distinct), so generating pairs for all is quick
+        return TextDataModule(path=str(f), prompt_field="prompt", response_field="answer", mode="prompts",
+                              prompt_len=8, response_len=6, batch_size=3, val_fraction=0.2)
+
+    dm = _dm()
+    task = _task(teacher_ckpt, "distillm2", distillm2=DistiLLM2Config(pairs="offline"))
+    trained_on = []
+    plain = task.objective.responses
+    task.objective.responses = lambda b: (lambda r: (trained_on.append((b, r)), r)[1])(plain(b))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        default_root_dir=tmp_path,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints")])
+    trainer.fit(task, datamodule=dm)
+    path = tmp_path / "run" / FILE_NAME
+    lines = path.read_text().splitlines()
+    header, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["settings"] == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 6}
+    assert {tuple(r["prompt"]) for r in rows} == {tuple(ex["prompt"].tolist()) for ex in dm.train_set}
+    # Training used the stored pairs: the teacher batch's responses are the file's teacher responses.
+    stored = {tuple(r["prompt"]): r for r in rows}
+    batch, (teacher_batch, student_resp, _) = trained_on[0]
+    for i, p in enumerate(batch["prompts"]):
+        row = stored[tuple(p.tolist())]
+        assert student_resp[i].tolist() == row["student"]
+        n = int(teacher_batch["response_lens"][i])
+        assert teacher_batch["targets"][i, len(p) - 1 : len(p) - 1 + n].tolist() == row["teacher"]
+    # A resumed run (same run folder) reads the file instead of generating again.
+    again = _task(teacher_ckpt, "distillm2", distillm2=DistiLLM2Config(pairs="offline"))
+    again.objective.generate_pairs = lambda prompts: pytest.fail("offline pairs generated again on resume")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        default_root_dir=tmp_path,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints")])
+    trainer.fit(again, datamodule=_dm())
+    assert again.objective.offline is not None and len(again.objective.offline) == len(rows)
+    # Other settings refuse the stored file rather than silently reuse it.
+    other = _task(teacher_ckpt, "distillm2", distillm2=DistiLLM2Config(pairs="offline", temperature=1.0))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        default_root_dir=tmp_path,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints")])
+    with pytest.raises(ConfigError, match="holds pairs generated with"):
+        trainer.fit(other, datamodule=_dm())
