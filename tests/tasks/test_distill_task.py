@@ -101,3 +101,14 @@ def test_foreign_or_corrupt_teacher_checkpoint(tmp_path):
     task = DistillationTask(student=ModelConfig.preset("nano-moe"), teacher=TeacherConfig(checkpoint=str(foreign)))
     with pytest.raises(ConfigError, match="not a pikv_train LanguageModelTask checkpoint"):
         task.configure_model()
+
+
+def test_default_student_is_the_recipe_student():
+    import yaml
+
+    from pikv_train.models.config import ModelConfig as MC
+
+    recipe = MC.from_dict(yaml.safe_load(open("configs/model/student_moe.yaml")))
+    task = DistillationTask()
+    assert task.student.cfg == recipe
+    assert round(task.student.num_parameters() / 1e6, 2) == 0.58  # the size README and recipe state
