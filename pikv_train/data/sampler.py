@@ -30,3 +30,16 @@ class ResumableRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n - self.skip
+
+
+def first_samples(n: int, seed: int, count: int) -> list[int]:
+    """Indices of the first ``count`` samples a fresh run draws from ``ResumableRandomSampler(n, seed)``,
+    epoch after epoch (each index once; all of ``range(n)`` when ``count`` spans an epoch or more).
+
+    Objectives that prepare data per training example (DistiLLM-2's offline pairs) prepare only these.
+    Under DDP each rank takes a strided share of this same order, so ``count`` is the global sample count.
+    """
+    if count >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:count].tolist()

@@ -12,8 +12,9 @@ Optional curriculum: beta_t = 1 + 0.5 * min(1, 2 t / T).
 Where the pairs come from (``pairs``):
 
 - ``offline`` (the published recipe): generated once, before training, from the initial student and the
-  teacher (T = 0.8, top-p 0.95), for every training prompt; stored as ``distillm2_pairs.jsonl`` in the
-  run folder and read back on resume.
+  teacher (T = 0.8, top-p 0.95), one pair per training prompt (the repository generates for the whole
+  training split; here for the prompts the run's steps will draw, which is the whole split once the run
+  spans an epoch); stored as ``distillm2_pairs.jsonl`` in the run folder and read back on resume.
 - ``online``: generated for each batch from the current student and the teacher.
 - Data with a student-response column (``data.student_response_field``) supplies both responses itself
   (the reference response is the teacher's); then nothing is generated.
@@ -110,8 +111,8 @@ class DistiLLM2Objective(Objective):
             write_pairs(path, self.settings(), self.offline)
 
     def _generate_offline(self, ctx: BeforeTraining) -> Pairs:
-        """Pairs for every distinct training prompt, from the initial student; each rank generates a
-        share and the shares are gathered, so every rank holds all pairs."""
+        """Pairs for every distinct prompt training will draw, from the initial student; each rank
+        generates a share and the shares are gathered, so every rank holds all pairs."""
         from tqdm.auto import tqdm
 
         unique = list({tuple(p.tolist()): p for p in ctx.train_prompts()}.values())

@@ -71,7 +71,8 @@ class BeforeTraining:
     Attributes:
         val_loss: computes the student's validation loss over the whole validation split (None when the
             run has no validation split).
-        train_prompts: the prompts of the whole training split (1-D id tensors, dataset order).
+        train_prompts: the prompts the training steps will draw (1-D id tensors; the whole training split
+            when the run spans an epoch or more).
         run_dir: the run's output folder (for files an objective keeps, e.g. offline pairs).
         rank / world_size: this process's place in a multi-process run.
         data_pairs: the data supplies (teacher, student) response pairs itself (DistiLLM-2 columns).

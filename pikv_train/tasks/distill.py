@@ -220,10 +220,19 @@ class DistillationTask(TaskBase):
         train_set = getattr(dm, "train_set", None)
         return BeforeTraining(
             val_loss=self.validation_loss if has_val else None,
-            train_prompts=(lambda: [ex["prompt"] for ex in train_set]) if train_set is not None else None,
+            train_prompts=(lambda: self._prompts_to_train_on(dm)) if train_set is not None else None,
             run_dir=run_dir, rank=self.global_rank, world_size=self.trainer.world_size,
             data_pairs=bool(train_set) and "student_response" in train_set[0],
         )
+
+    def _prompts_to_train_on(self, dm) -> list:
+        """The prompts this run's training steps will draw (in the sampler's order; every training prompt
+        once the run spans an epoch)."""
+        from pikv_train.data.sampler import first_samples
+
+        t = self.trainer
+        count = total_training_steps(t) * t.accumulate_grad_batches * dm.hparams.batch_size * t.world_size
+        return [dm.train_set[i]["prompt"] for i in first_samples(len(dm.train_set), dm.hparams.shuffle_seed, count)]
 
     @torch.no_grad()
     def validation_loss(self) -> float:
