@@ -6,7 +6,9 @@ Every student starts from the same CE-trained ("SFT") student (runs/student_ce, 
 recipes/student_ce.yaml, as DistiLLM and DistiLLM-2 start from an SFT model) and trains for the same
 number of steps on the same embedded-corpus prompts (configs/data/embedded_prompts.yaml: 16 prompts of
 32 tokens per step, 32-token responses). Each run goes through the real CLI; all are evaluated by the
-same code on the validation prompts' reference responses. Writes benchmarks/results/objectives.{md,json}.
+same code on the validation prompts' reference responses. DistiLLM-2 runs with its published offline pairs
+and with online pairs; Speculative KD runs with our teacher and with the same teacher saved as a Hugging
+Face Llama folder (benchmarks/hf_llama_teacher.py). Writes benchmarks/results/objectives.{md,json}.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "runs/teacher/checkpoints/last.ckpt"
 SFT = ROOT / "runs/student_ce/checkpoints/last.ckpt"
+HF_TEACHER = ROOT / "runs/hf_teacher"
 DATA = "configs/data/embedded_prompts.yaml"
 
 METHODS = {
@@ -32,8 +35,14 @@ METHODS = {
     "RKL": ("recipes/distill.yaml", ["--model.init_args.loss.divergence", "rkl"]),
     "JSD (beta 0.5)": ("recipes/distill.yaml", ["--model.init_args.loss.divergence", "jsd"]),
     "DistiLLM (SRKL, adaptive SGO)": ("recipes/distillm.yaml", []),
-    "DistiLLM-2": ("recipes/distillm2.yaml", []),
+    "DistiLLM-2 (offline pairs, published)": ("recipes/distillm2.yaml", []),
+    "DistiLLM-2 (online pairs)": ("recipes/distillm2.yaml", ["--model.init_args.distillm2.pairs", "online"]),
     "Speculative KD": ("recipes/skd.yaml", []),
+    # The same teacher saved as a Hugging Face Llama folder (benchmarks/hf_llama_teacher.py), decoding
+    # with its own DynamicCache: the Hugging Face teacher path end to end, on the same data.
+    "Speculative KD (Hugging Face Llama teacher)": ("recipes/skd.yaml", [
+        "--model.init_args.teacher.checkpoint", "null", "--model.init_args.teacher.hf_path", str(HF_TEACHER),
+        "--data.tokenizer", str(HF_TEACHER)]),
 }
 
 
@@ -55,6 +64,8 @@ def main() -> None:
         run(py + ["--config", "recipes/teacher.yaml"])
     if not SFT.is_file():
         run(py + ["--config", "recipes/student_ce.yaml"])
+    if not (HF_TEACHER / "config.json").is_file():
+        run([sys.executable, "benchmarks/hf_llama_teacher.py", "--checkpoint", str(TEACHER), "--out", str(HF_TEACHER)])
     rows, out_root = [], ROOT / "runs/objectives"
     sys.path.insert(0, str(ROOT))
     import torch
