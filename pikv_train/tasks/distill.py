@@ -210,10 +210,12 @@ class DistillationTask(TaskBase):
 
     def _before_training(self) -> BeforeTraining:
         dm = getattr(self.trainer, "datamodule", None)
-        has_val = dm is not None and getattr(dm, "val_set", None) is not None and len(dm.val_set) > 0
+        has_val = (dm is not None and getattr(dm, "val_set", None) is not None and len(dm.val_set) > 0
+                   and self.trainer.limit_val_batches != 0)
         if self.objective.name == "distillm" and not has_val:
-            warnings.warn("objective distillm without a validation split: phi never rises from distillm.init_phi; "
-                          "set data.val_fraction > 0 for the adaptive schedule", stacklevel=2)
+            warnings.warn("objective distillm without validation: phi never rises from distillm.init_phi; "
+                          "set data.val_fraction > 0 and trainer.limit_val_batches > 0 for the adaptive schedule",
+                          stacklevel=2)
         ckpt = self.trainer.checkpoint_callback
         dirpath = getattr(ckpt, "dirpath", None)
         run_dir = Path(dirpath).parent if dirpath else Path(self.trainer.default_root_dir)
@@ -236,11 +238,21 @@ class DistillationTask(TaskBase):
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """The student's token-mean validation CE (``val/loss``) over the whole validation split, now."""
+        """The student's token-mean validation CE (``val/loss``) now, over the batches a validation of this
+        trainer covers (``limit_val_batches`` of the split), so it compares like with like."""
+        loader = self.trainer.datamodule.val_dataloader()
+        limit = self.trainer.limit_val_batches
+        n_batches = len(loader)
+        if isinstance(limit, int):
+            n_batches = min(n_batches, limit)
+        elif limit is not None and limit < 1.0:
+            n_batches = max(1, int(n_batches * limit)) if limit > 0 else 0
         was = self.student.training
         self.student.eval()
         nll = n = 0.0
-        for batch in self.trainer.datamodule.val_dataloader():
+        for i, batch in enumerate(loader):
+            if i >= n_batches:
+                break
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             parts = self.distill_loss.validation(batch)
             nll, n = nll + float(parts["ce"]), n + float(parts["n"])

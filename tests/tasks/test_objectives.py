@@ -87,22 +87,32 @@ def test_phi_is_capped_at_one():
 def test_the_reference_is_a_validation_pass_before_training(teacher_ckpt, tmp_path):
     torch.manual_seed(0)
     task = _task(teacher_ckpt, "distillm")
+    task.objective.on_validation = lambda v: None  # keep the reference as the pre-training pass set it
     dm = _prompt_dm()
-    # The same student before any step, scored on the whole validation split by hand.
+    # The same student before any step, scored by hand on the batches a validation covers (2 here).
     expected_task = _task(teacher_ckpt, "distillm")
     expected_task.student.load_state_dict(task.student.state_dict())
-    expected_task.configure_model()
     expected_task.student.eval()
     dm.setup()
     nll = n = 0.0
     with torch.no_grad():
-        for batch in dm.val_dataloader():
+        for i, batch in enumerate(dm.val_dataloader()):
+            if i == 2:
+                break
             s = expected_task.student.logits(expected_task.student(batch["input_ids"]).hidden)
             m = batch["loss_mask"]
             nll += float(torch.nn.functional.cross_entropy(s[m], batch["targets"][m], reduction="sum"))
             n += float(m.sum())
-    _trainer(tmp_path, steps=1, limit_val_batches=0).fit(task, datamodule=dm)
+    assert len(dm.val_dataloader()) > 2
+    _trainer(tmp_path, steps=1, limit_val_batches=2).fit(task, datamodule=dm)
     assert task.objective.schedule.reference == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_no_validation_leaves_phi_without_reference_and_warns(teacher_ckpt, tmp_path):
+    task = _task(teacher_ckpt, "distillm")
+    with pytest.warns(UserWarning, match="phi never rises"):
+        _trainer(tmp_path, steps=1, limit_val_batches=0).fit(task, datamodule=_prompt_dm())
+    assert task.objective.schedule.reference is None
 
 
 def test_replay_draws_distinct_pairs():
