@@ -5,7 +5,13 @@ A LightningCLI with:
   ``${model.init_args.student.d_model}`` style references see command-line overrides;
 - recipe composition: a recipe may list building blocks under ``defaults:`` (paths to YAML files from
   ``configs/``); they are merged first, in order, then the recipe itself, then later ``--config`` files
-  and flags;
+  and flags. A relative building-block path (a ``defaults:`` entry, or a YAML-file value such as
+  ``student: configs/model/student_moe.yaml``, in any config file, with or without ``defaults:``) is
+  looked for beside the file naming it, then in the current directory, then in the repository root;
+  on the command line, in the current directory, then the repository root (see :func:`_find`);
+- ``--a.init_args.b null`` on the command line sets the value to null (over a recipe's value);
+- W&B's environment variables: ``WANDB_MODE=disabled`` / ``WANDB_DISABLED=true`` remove W&B loggers
+  before they are created; without a logger, outputs such as config.yaml still go to ``out_dir``;
 - one-line errors for bad input (unknown keys, wrong types, missing files) instead of tracebacks;
 - the resolved config printed at the start of every run.
 """
@@ -33,20 +39,61 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _find(path: str, base: Path) -> Path:
-    """Resolve a building-block path: as given, beside the including file, or from the repo root."""
-    for cand in (Path(path), base / path, REPO_ROOT / path):
+# Where a building block named by a relative path is looked for (the same rule for `defaults:` entries, for
+# YAML-file values inside any config file, with or without `defaults:`, and for flags on the command line):
+#   1. beside the file that names it (not for the command line),
+#   2. in the current directory,
+#   3. in the repository root.
+# The first match wins; found paths are passed on as absolute paths, so jsonargparse never re-resolves them.
+# "A YAML-file value" is any string value ending in .yaml or .yml (without ${...} interpolation): settings
+# that take a building block (model.init_args.student, .model, .loss, .optim, ...) are the only ones that
+# hold such paths.
+_YAML_SUFFIXES = (".yaml", ".yml")
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _find(path: str, base: Path | None = None, what: str = "") -> Path:
+    """Resolve a building-block path by the rule above; a miss names the file and every place looked in."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        places = [(p, "")]
+    else:
+        places = [(base / p, "the folder of the file naming it")] if base is not None else []
+        places += [(Path.cwd() / p, "the current directory"), (REPO_ROOT / p, "the repository root")]
+    for cand, _ in places:
         if cand.is_file():
             return cand
-    raise MissingFileError(f"config file not found: {path!r} (looked in ., {base} and {REPO_ROOT}); fix the path")
+    seen: dict[Path, list[str]] = {}
+    for cand, label in places:
+        seen.setdefault(cand.resolve(), []).extend([label] if label else [])
+    looked = ", ".join(f"{c} ({' and '.join(labels)})" if labels else str(c) for c, labels in seen.items())
+    ref = f" (named by {what})" if what else ""
+    raise MissingFileError(f"config file not found: {path!r}{ref}; looked for {looked}; fix the path")
 
 
-def expand_config(path: str, seen: tuple[Path, ...] = ()) -> list[str]:
+def _is_yaml_path(value) -> bool:
+    return isinstance(value, str) and value.lower().endswith(_YAML_SUFFIXES) and "${" not in value \
+        and "\n" not in value
+
+
+def _resolve_blocks(node, base: Path, source: Path, key: str = ""):
+    """``node`` with every YAML-file value replaced by its absolute path (see the rule above)."""
+    if isinstance(node, dict):
+        return {k: _resolve_blocks(v, base, source, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_blocks(v, base, source, f"{key}[{i}]") for i, v in enumerate(node)]
+    if _is_yaml_path(node):
+        return str(_find(node, base, f"{key} in {source}").resolve())
+    return node
+
+
+def expand_config(path: str, seen: tuple[Path, ...] = (), base: Path | None = None, what: str = "") -> list[str]:
     """Turn ``--config path`` into the ``--config`` values to pass on: its defaults (recursively), then itself.
 
-    A file with a ``defaults:`` list is passed on as YAML text without that key.
+    ``base`` is the folder of the file that names ``path`` (None for the command line). A file whose
+    ``defaults:`` list or building-block paths had to be rewritten is passed on as YAML text.
     """
-    p = _find(path, Path.cwd())
+    p = _find(path, base, what)
     if p.resolve() in seen:
         raise ConfigError(f"config files include each other in a loop: {' -> '.join(str(s) for s in seen + (p,))}")
     try:
@@ -60,34 +107,51 @@ def expand_config(path: str, seen: tuple[Path, ...] = ()) -> list[str]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a YAML mapping of settings, not {type(data).__name__}")
     defaults = data.pop("defaults", None)
-    if not defaults:
-        return [str(p)]
     if isinstance(defaults, str):
         defaults = [defaults]
     out: list[str] = []
-    for d in defaults:
-        out += expand_config(str(_find(d, p.parent)), seen + (p.resolve(),))
-    out.append(yaml.safe_dump(data, sort_keys=False) if data else "{}")
+    for d in defaults or []:
+        out += expand_config(str(d), seen + (p.resolve(),), p.parent, f"defaults in {p}")
+    resolved = _resolve_blocks(data, p.parent, p)
+    if not defaults and resolved == data:
+        return out + [str(p)]
+    out.append(yaml.safe_dump(resolved, sort_keys=False) if resolved else "{}")
     return out
 
 
+def _null_override(key: str) -> str:
+    """``--a.init_args.b.c null`` as a YAML config that sets it: jsonargparse (4.53) turns a null given to a
+    setting inside a class's init_args into the string 'None', so a recipe's value could not be unset."""
+    tree: object = None
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
 def expand_args(args: list[str]) -> list[str]:
-    """Expand every ``--config X`` / ``--config=X`` in an argument list (see :func:`expand_config`)."""
+    """Expand every ``--config X`` / ``--config=X`` in an argument list (see :func:`expand_config`), resolve
+    building-block paths given as flags (current directory, then repository root), and pass
+    ``--a.init_args.b null`` on as a config that sets the value to null."""
     out: list[str] = []
     i = 0
     while i < len(args):
         a = args[i]
-        if a == "--config" and i + 1 < len(args):
-            for c in expand_config(args[i + 1]):
+        key, value, used = a, None, 1
+        if a.startswith("--") and "=" in a:
+            key, value = a.split("=", 1)
+        elif a.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, used = args[i + 1], 2
+        if key == "--config" and value is not None:
+            for c in expand_config(value):
                 out += ["--config", c]
-            i += 2
-            continue
-        if a.startswith("--config="):
-            for c in expand_config(a.split("=", 1)[1]):
-                out += ["--config", c]
+        elif key.startswith("--") and ".init_args." in key and value in _NULLS:
+            out += ["--config", _null_override(key[2:])]
+        elif key.startswith("--") and _is_yaml_path(value):
+            out += [key, str(_find(value, None, f"--{key[2:]} on the command line").resolve())]
         else:
             out.append(a)
-        i += 1
+            used = 1
+        i += used
     return out
 
 
@@ -115,10 +179,16 @@ class PiKVCLI(LightningCLI):
         parser.add_argument("--out_dir", type=str, default="runs/default", help="Folder for this run's outputs.")
 
     def before_instantiate_classes(self) -> None:
-        # A Hugging Face teacher brings its tokenizer: unless set otherwise, the data uses it and the student's
-        # vocabulary is sized to it (258 is the byte tokenizer's size, the default).
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        _drop_disabled_wandb(cfg)
+        trainer = cfg.get("trainer")
+        if trainer is not None and trainer.get("default_root_dir") is None and cfg.get("out_dir"):
+            # Without a logger Lightning writes config.yaml (and, without a dirpath, checkpoints) into
+            # default_root_dir, which defaults to the current directory: keep every output in out_dir.
+            trainer.default_root_dir = cfg.out_dir
+        # A Hugging Face teacher brings its tokenizer: unless set otherwise, the data uses it and the student's
+        # vocabulary is sized to it (258 is the byte tokenizer's size, the default).
         init = cfg.get("model", {}).get("init_args") if cfg.get("model") is not None else None
         teacher = init.get("teacher") if init is not None else None
         hf_path = teacher.get("hf_path") if teacher is not None else None
@@ -205,6 +275,25 @@ class PiKVCLI(LightningCLI):
         rank_zero_info(f"---- resolved config ({sub}) ----\n{text}---------------------------------")
 
 
+def _drop_disabled_wandb(cfg) -> None:
+    """WANDB_MODE=disabled / WANDB_DISABLED=true: take every W&B logger out of trainer.logger before it is
+    created (no W&B run, no files, no W&B process); the other loggers stay."""
+    from pikv_train.loggers import wandb_disabled_reason
+
+    reason = wandb_disabled_reason()
+    trainer = cfg.get("trainer") if reason else None
+    logger = trainer.get("logger") if trainer is not None else None
+    if not logger or isinstance(logger, bool):
+        return
+    specs = list(logger) if isinstance(logger, list) else [logger]
+    is_wandb = lambda spec: str(getattr(spec, "class_path", "")).rsplit(".", 1)[-1] == "WandbLogger"  # noqa: E731
+    keep = [spec for spec in specs if not is_wandb(spec)]
+    if len(keep) == len(specs):
+        return
+    trainer.logger = (keep if isinstance(logger, list) else keep[0]) if keep else False
+    rank_zero_info(f"W&B is off ({reason}): no W&B logger")
+
+
 def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
@@ -216,6 +305,8 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
     # Epoch-level metrics come from torchmetrics objects, which synchronise across ranks themselves.
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # data.val_fraction 0: the data module returns no validation loader ([]) on purpose.
+    warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
     # The frozen teacher is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     argv = list(sys.argv[1:] if args is None else args)

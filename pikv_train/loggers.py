@@ -1,8 +1,12 @@
 """Weights & Biases logging that never blocks or stops training.
 
-``WandbLogger`` here is Lightning's, with three changes: it goes offline by itself when no credentials
+``WandbLogger`` here is Lightning's, with four changes: it goes offline by itself when no credentials
 are configured (no prompt, no network wait), it gives up quickly when a server is unreachable (falling
-back to offline), and if W&B cannot start at all the run goes on without it, with one warning.
+back to offline), if W&B cannot start at all the run goes on without it, with one warning, and it honours
+W&B's own environment variables (:func:`wandb_env_mode`): ``WANDB_MODE=disabled`` or
+``WANDB_DISABLED=true`` turn it into a do-nothing logger (no run, no files, no W&B process; the CLI then
+creates no W&B logger at all), ``WANDB_MODE=offline`` keeps it offline and ``WANDB_MODE=online`` asks for
+an online run (offline, with a warning, when no credentials exist).
 """
 
 from __future__ import annotations
@@ -14,6 +18,25 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.utilities import rank_zero_warn
+
+
+def wandb_env_mode() -> str | None:
+    """The mode W&B's environment variables ask for: ``disabled`` (WANDB_MODE=disabled, or WANDB_DISABLED set
+    to true/1/yes), ``offline`` (WANDB_MODE=offline or dryrun), ``online`` (WANDB_MODE=online or run), or
+    None when they say nothing."""
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes", "on"):
+        return "disabled"
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    return {"disabled": "disabled", "offline": "offline", "dryrun": "offline", "online": "online",
+            "run": "online"}.get(mode)
+
+
+def wandb_disabled_reason() -> str | None:
+    """Which variable disables W&B (for messages), or None when W&B is not disabled."""
+    if wandb_env_mode() != "disabled":
+        return None
+    by_mode = os.environ.get("WANDB_MODE", "").strip().lower() == "disabled"
+    return "WANDB_MODE=disabled" if by_mode else "WANDB_DISABLED=true"
 
 
 def wandb_credentials_present() -> bool:
@@ -46,8 +69,14 @@ class WandbLogger(_LightningWandbLogger):
         group: str | None = None,
         prefix: str = "",
     ):
+        env_mode = wandb_env_mode()
+        self._disabled = env_mode == "disabled"
+        if self._disabled:
+            offline = True  # never probe a server or start W&B; experiment is a do-nothing run
         if offline is None:
-            offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_credentials_present()
+            offline = env_mode == "offline" or not wandb_credentials_present()
+            if env_mode == "online" and offline:
+                rank_zero_warn("WANDB_MODE=online but no W&B credentials (WANDB_API_KEY or ~/.netrc); logging offline")
         kwargs = {}
         try:
             import wandb
@@ -67,9 +96,11 @@ class WandbLogger(_LightningWandbLogger):
             offline = True
             os.environ["WANDB_MODE"] = "offline"
         if offline:
-            os.environ.setdefault("WANDB_MODE", "offline")
+            if not self._disabled:  # WANDB_MODE=disabled stays as it is
+                os.environ.setdefault("WANDB_MODE", "offline")
             log_model = False  # Lightning refuses log_model with offline=True
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if not self._disabled:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(
             name=name, save_dir=save_dir, project=project, offline=offline, log_model=log_model,
             version=version, prefix=prefix, **kwargs,
@@ -78,7 +109,7 @@ class WandbLogger(_LightningWandbLogger):
 
     @property
     def experiment(self):
-        if self._failed:
+        if self._failed or self._disabled:
             return self._disabled_run()
         try:
             return super().experiment
@@ -102,7 +133,7 @@ class WandbLogger(_LightningWandbLogger):
 
     def _disabled_run(self):
         """A do-nothing W&B run (every API call accepted, nothing sent or written)."""
-        if self._experiment is None or not self._failed:
+        if self._experiment is None or not (self._failed or self._disabled):
             import wandb
 
             self._experiment = wandb.init(mode="disabled")

@@ -132,3 +132,73 @@ def test_console_script_is_declared():
 
     eps = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert eps.get("pikv-train") == "pikv_train.cli:main"
+
+
+def _resolved(capsys, *args: str) -> str:
+    """The config ``--print_config`` prints for ``fit ARGS`` (in-process: no interpreter start-up)."""
+    from pikv_train.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code in (0, None), err[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("flag", [["--model.init_args.teacher.checkpoint", "null"],
+                                  ["--model.init_args.teacher.checkpoint=null"],
+                                  ["--model.init_args.teacher.checkpoint", "~"]])
+def test_null_on_the_command_line_overrides_a_recipe_value(capsys, monkeypatch, flag):
+    # The README's Hugging Face teacher command: the recipe's teacher.checkpoint must become null, not 'None'.
+    monkeypatch.chdir(ROOT)
+    out = _resolved(capsys, "--config", "recipes/distill.yaml", *flag, "--model.init_args.teacher.hf_path", "/hf/dir")
+    teacher = out.split("    teacher:\n", 1)[1]
+    assert "      checkpoint: null\n" in teacher and "      hf_path: /hf/dir\n" in teacher, teacher[:300]
+    out = _resolved(capsys, "--config", "recipes/distill.yaml", "--model.init_args.student_init", "null")
+    assert "    student_init: null\n" in out
+
+
+def _user_config(folder: Path, with_defaults: bool) -> Path:
+    """A user's own config outside the repository naming a building block by a repository-relative path."""
+    head = "defaults: [configs/data/embedded.yaml]\n" if with_defaults else ""
+    return write(folder / "mine.yaml", head + "model:\n  class_path: pikv_train.tasks.LanguageModelTask\n"
+                 "  init_args:\n    model: configs/model/nano_moe.yaml\n")
+
+
+@pytest.mark.parametrize("with_defaults", [False, True], ids=["no_defaults", "defaults"])
+def test_building_blocks_resolve_the_same_with_and_without_defaults(tmp_path, capsys, monkeypatch, with_defaults):
+    """Beside the naming file first, then the current directory, then the repository root."""
+    cfg = _user_config(tmp_path / "user", with_defaults)
+    monkeypatch.chdir(tmp_path)  # neither the repository nor the config's folder
+    out = _resolved(capsys, "--config", str(cfg))
+    assert "      d_model: 32\n" in out and "        n_experts: 4\n" in out  # configs/model/nano_moe.yaml of the repo
+    # A building block beside the config wins over the repository's.
+    write(tmp_path / "user" / "configs" / "model" / "nano_moe.yaml", "d_model: 48\nn_head: 2\nn_kv_head: 1\n")
+    out = _resolved(capsys, "--config", str(cfg))
+    assert "      d_model: 48\n" in out
+    # Then the current directory.
+    (tmp_path / "user" / "configs" / "model" / "nano_moe.yaml").rename(tmp_path / "elsewhere.yaml")
+    write(tmp_path / "configs" / "model" / "nano_moe.yaml", "d_model: 40\nn_head: 2\nn_kv_head: 1\n")
+    assert "      d_model: 40\n" in _resolved(capsys, "--config", str(cfg))
+
+
+@pytest.mark.parametrize("with_defaults", [False, True], ids=["no_defaults", "defaults"])
+def test_missing_building_block_names_the_file_and_where_it_was_looked_for(tmp_path, capsys, monkeypatch, with_defaults):
+    from pikv_train.cli import main
+
+    cfg = _user_config(tmp_path, with_defaults)
+    cfg.write_text(cfg.read_text().replace("nano_moe.yaml", "nano_mo.yaml"))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(cfg), "--print_config"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert line.startswith("error: config file not found: 'configs/model/nano_mo.yaml' (named by model.init_args.model in ")
+    for place in (tmp_path / "configs/model/nano_mo.yaml", ROOT / "configs/model/nano_mo.yaml"):
+        assert str(place) in line, line
+    assert "fix the path" in line and "Given value" not in line
+    # A building block named on the command line: the current directory, then the repository root.
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "recipes/debug.yaml", "--model.init_args.model", "configs/model/none.yaml"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "config file not found: 'configs/model/none.yaml' (named by --model.init_args.model on the command line)" in line

@@ -4,7 +4,9 @@ that cannot start at all is replaced by a do-nothing run."""
 from __future__ import annotations
 
 import glob
+import os
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -57,3 +59,39 @@ def test_credentials_detection(monkeypatch, tmp_path):
     assert wandb_credentials_present()
     monkeypatch.setenv("WANDB_API_KEY", "abc")
     assert wandb_credentials_present()
+
+
+@pytest.mark.parametrize("env", [{"WANDB_MODE": "disabled"}, {"WANDB_DISABLED": "true"}], ids=["mode", "disabled"])
+def test_wandb_env_disabled_means_no_wandb_at_all(tmp_path, monkeypatch, caplog, env):
+    """WANDB_MODE=disabled / WANDB_DISABLED=true: no W&B logger, no wandb.init, no W&B files; training runs."""
+    import wandb
+
+    from conftest import ROOT
+    from pikv_train.cli import main
+
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: calls.append(k) or pytest.fail("wandb.init called"))
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    cli = main(["fit", "--config", str(lm_recipe(tmp_path, "run", steps=2)), "--out_dir", str(out)])
+    assert cli.trainer.global_step == 2 and cli.trainer.logger is None and not calls
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "config.yaml").is_file()
+    assert not glob.glob(str(out / "**" / "*wandb*"), recursive=True)
+    assert not any(Path(os.environ["WANDB_DIR"]).iterdir())  # nothing in W&B's own folder either
+    assert "W&B is off" in caplog.text
+
+
+def test_wandb_logger_follows_wandb_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = WandbLogger(save_dir=str(tmp_path / "d"), offline=False)
+    assert type(logger.experiment).__name__ == "NoopRun" and not (tmp_path / "d").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert WandbLogger(save_dir=str(tmp_path))._offline  # offline although credentials exist
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY")
+    with pytest.warns(UserWarning, match="WANDB_MODE=online but no W&B credentials"):
+        assert WandbLogger(save_dir=str(tmp_path))._offline

@@ -59,7 +59,8 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: ``byte`` (built in) or a local Hugging Face tokenizer folder.
         seq_len: tokens per training sequence.
         batch_size: sequences per micro-batch (per device).
-        val_fraction: share of rows (documents) held out for validation.
+        val_fraction: share of rows (documents) held out for validation; 0 holds none out: training runs
+            without validation (no val/ metrics) and validate / test / predict refuse to run.
         split_seed: seed of the row permutation that decides the split.
         max_documents: use only the first N rows (after loading, before splitting).
         num_workers: DataLoader workers.
@@ -94,8 +95,8 @@ class TextDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}; use 0 for no validation split")
         if student_response_field and not prompt_field:
             raise ConfigError("data.student_response_field needs data.prompt_field and data.response_field")
         if (prompt_field is None) != (response_field is None):
@@ -155,7 +156,7 @@ class TextDataModule(L.LightningDataModule):
     def split_rows(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         """Deterministic split by a seeded permutation of row indices (order within each split kept)."""
         n = len(rows)
-        n_val = max(1, int(round(n * self.hparams.val_fraction))) if n > 1 else 0
+        n_val = max(1, int(round(n * self.hparams.val_fraction))) if n > 1 and self.hparams.val_fraction > 0 else 0
         perm = np.random.default_rng(self.hparams.split_seed).permutation(n)
         val_idx = set(perm[:n_val].tolist())
         return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
@@ -200,7 +201,16 @@ class TextDataModule(L.LightningDataModule):
             out.append(ex)
         return out
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether a validation split is held out (``val_fraction > 0``)."""
+        return self.hparams.val_fraction > 0
+
     def setup(self, stage: str | None = None) -> None:
+        if not self.has_validation and stage in ("validate", "test", "predict"):
+            raise ConfigError(
+                f"data.val_fraction is 0, so there is no validation split to {stage} on; set data.val_fraction > 0"
+            )
         if self.train_set is not None:
             return
         rows = self.load_rows()
@@ -216,7 +226,7 @@ class TextDataModule(L.LightningDataModule):
                 f"no training sequence of {self.hparams.seq_len + 1} tokens in {self.hparams.path or 'embedded corpus'!r}; "
                 "add data or lower data.seq_len"
             )
-        if len(self.val_set) == 0:
+        if len(self.val_set) == 0 and self.has_validation:
             raise DataError(
                 f"the validation split of {self.hparams.path or 'embedded corpus'!r} is shorter than one sequence; "
                 "raise data.val_fraction, add data or lower data.seq_len"
@@ -251,7 +261,9 @@ class TextDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.has_validation:
+            return []  # no validation split: Lightning skips validation
         return DataLoader(
             self.val_set, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers,
             collate_fn=self.collate,

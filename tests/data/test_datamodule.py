@@ -98,3 +98,31 @@ def test_missing_field_names_the_fields(tmp_path):
     dm = TextDataModule(path=str(f))
     with pytest.raises(DataError, match="no field 'text'.*body"):
         dm.setup()
+
+
+def test_val_fraction_zero_trains_without_validation():
+    import lightning as L
+
+    from pikv_train.errors import ConfigError
+    from pikv_train.models import ModelConfig
+    from pikv_train.tasks import LanguageModelTask
+
+    dm = TextDataModule(max_documents=4, seq_len=32, batch_size=2, val_fraction=0)
+    dm.setup("fit")
+    assert dm.val_rows == [] and dm.val_dataloader() == []
+    assert len(dm.split_rows(dm.load_rows())[0]) == 4  # every document trains
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(LanguageModelTask(model=ModelConfig.preset("nano")), datamodule=dm)
+    assert trainer.global_step == 4 and not any(k.startswith("val/") for k in trainer.callback_metrics)
+    for stage in ("validate", "test", "predict"):
+        with pytest.raises(ConfigError, match=f"no validation split to {stage} on; set data.val_fraction > 0"):
+            dm.setup(stage)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0])
+def test_val_fraction_out_of_range_is_refused(bad):
+    from pikv_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.val_fraction must be in \[0, 1\)"):
+        TextDataModule(val_fraction=bad)
