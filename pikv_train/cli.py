@@ -187,8 +187,9 @@ class PiKVCLI(LightningCLI):
             # Without a logger Lightning writes config.yaml (and, without a dirpath, checkpoints) into
             # default_root_dir, which defaults to the current directory: keep every output in out_dir.
             trainer.default_root_dir = cfg.out_dir
-        # A Hugging Face teacher brings its tokenizer: unless set otherwise, the data uses it and the student's
-        # vocabulary is sized to it (258 is the byte tokenizer's size, the default).
+        # A Hugging Face teacher brings its tokenizer: unless set otherwise, the data uses it, and a student
+        # vocabulary of 258 (the byte tokenizer's size, the building blocks' value) too small for it is
+        # resized to it, with a warning; a 258 that holds the tokenizer stays (rows past it are padding).
         init = cfg.get("model", {}).get("init_args") if cfg.get("model") is not None else None
         teacher = init.get("teacher") if init is not None else None
         hf_path = teacher.get("hf_path") if teacher is not None else None
@@ -199,10 +200,17 @@ class PiKVCLI(LightningCLI):
             rank_zero_info(f"data.tokenizer: using the teacher's tokenizer ({hf_path})")
         student = init.get("student")
         if student is not None and student.vocab_size == 258 and cfg.data.tokenizer == hf_path:
+            from lightning.pytorch.utilities import rank_zero_warn
+
             from pikv_train.data.tokenizer import build_tokenizer
 
-            student.vocab_size = build_tokenizer(hf_path).vocab_size
-            rank_zero_info(f"student.vocab_size: {student.vocab_size} (the teacher tokenizer's size)")
+            size = build_tokenizer(hf_path).vocab_size
+            if size > 258:
+                student.vocab_size = size
+                rank_zero_warn(
+                    f"student.vocab_size 258 (the byte tokenizer's size) cannot hold the teacher tokenizer's {size} "
+                    f"tokens: using {size}; set model.init_args.student.vocab_size to choose another size"
+                )
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyper-parameters here; check the file ourselves first so a missing,

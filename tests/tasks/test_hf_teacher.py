@@ -65,6 +65,8 @@ def test_hf_teacher_end_to_end_with_padded_vocabulary(tmp_path):
     assert ckpt["global_step"] == 3
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert ckpt["state_dict"]["student.embed.weight"].shape[0] == real
+    # The building block's 258 is replaced, and the run says so as a warning (not an info line).
+    assert real > 258 and f"cannot hold the teacher tokenizer's {real} tokens: using {real}" in proc.stderr
 
 
 def test_padded_vocabulary_is_sliced_to_the_real_one(tmp_path):
