@@ -85,6 +85,22 @@ def _case(name, tmp: Path, recipe: Path) -> tuple[list[str], str]:
     if name == "foreign_checkpoint":
         torch.save({"weights": torch.zeros(2)}, tmp / "foreign.ckpt")
         return ["fit", "--config", str(recipe), "--ckpt_path", str(tmp / "foreign.ckpt")], "is not a Lightning checkpoint"
+    if name == "missing_building_block":
+        bad = write(tmp / "mine.yaml", "model:\n  init_args:\n    model: configs/model/nano_mo.yaml\n")
+        return ["fit", "--config", str(recipe), "--config", str(bad)], \
+            "config file not found: 'configs/model/nano_mo.yaml' (named by model.init_args.model in"
+    if name == "generation_beyond_positions":
+        return ["fit", "--config", str(_distill_recipe(tmp, str(ckpt))), "--model.init_args.objective", "skd",
+                "--data.mode", "prompts", "--data.prompt_len", "32", "--data.response_len", "16",
+                "--model.init_args.skd.max_new_tokens", "100"], \
+            "skd: data.prompt_len (32) + generated tokens (100) exceed the student's max_seq_len=128"
+    if name == "replay_smaller_than_batch":
+        return ["fit", "--config", str(_distill_recipe(tmp, str(ckpt))), "--model.init_args.objective", "distillm",
+                "--data.mode", "prompts", "--data.prompt_len", "8", "--data.response_len", "8",
+                "--model.init_args.distillm.capacity", "1"], "distillm.capacity=1 is smaller than data.batch_size=2"
+    if name == "validate_without_split":
+        return ["validate", "--config", str(recipe), "--data.val_fraction", "0", "--ckpt_path", str(ckpt)], \
+            "data.val_fraction is 0, so there is no validation split to validate on"
     raise AssertionError(name)
 
 
@@ -92,6 +108,7 @@ CASES = [
     "malformed_yaml", "unknown_key", "mistyped_nested_key", "wrong_type", "missing_data_file", "empty_data",
     "sequence_longer_than_positions", "top_k_above_experts", "cache_budget_out_of_range", "missing_teacher",
     "teacher_from_another_architecture", "vocabulary_mismatch", "corrupt_checkpoint", "foreign_checkpoint",
+    "missing_building_block", "generation_beyond_positions", "replay_smaller_than_batch", "validate_without_split",
 ]
 
 

@@ -26,6 +26,7 @@ only real vocabulary ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -94,10 +95,17 @@ class DistiLLM2Objective(Objective):
                 "kd/teacher_gen_len": float(t_gen.lengths.float().mean())}
         return responses_of(t_gen), responses_of(s_gen), logs
 
-    def settings(self) -> dict:
+    def settings(self, response_len: int | None = None) -> dict:
         """What the offline pairs depend on (a resumed run refuses a file made otherwise)."""
         cfg = self.cfg
-        return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": self.max_new_tokens()}
+        n = cfg.max_new_tokens or response_len or self.max_new_tokens()
+        return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": n}
+
+    def check_pairs_file(self, run_dir: Path, response_len: int | None) -> None:
+        """Refuse, before anything is written, a stored pairs file made with other settings."""
+        path = run_dir / FILE_NAME
+        if self.cfg.pairs == "offline" and path.is_file():
+            read_pairs(path, self.settings(response_len))
 
     def before_training(self, ctx: BeforeTraining) -> None:
         if self.cfg.pairs != "offline" or ctx.train_prompts is None or ctx.data_pairs:

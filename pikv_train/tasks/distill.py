@@ -186,6 +186,8 @@ class DistillationTask(TaskBase):
                     f"{name}: data.prompt_len ({hp.prompt_len}) + generated tokens ({new}) exceed the student's "
                     f"max_seq_len={self.student.cfg.max_seq_len}; lower {name}.max_new_tokens or data.prompt_len"
                 )
+        if hasattr(self.objective, "check_pairs_file") and self._trainer is not None:
+            self.objective.check_pairs_file(self._run_dir(), getattr(hp, "response_len", None))
         if name == "distillm" and hp is not None and self.objective.cfg.capacity < hp.batch_size:
             raise ConfigError(
                 f"distillm.capacity={self.objective.cfg.capacity} is smaller than data.batch_size={hp.batch_size}: "
@@ -216,9 +218,7 @@ class DistillationTask(TaskBase):
             warnings.warn("objective distillm without validation: phi never rises from distillm.init_phi; "
                           "set data.val_fraction > 0 and trainer.limit_val_batches > 0 for the adaptive schedule",
                           stacklevel=2)
-        ckpt = self.trainer.checkpoint_callback
-        dirpath = getattr(ckpt, "dirpath", None)
-        run_dir = Path(dirpath).parent if dirpath else Path(self.trainer.default_root_dir)
+        run_dir = self._run_dir()
         train_set = getattr(dm, "train_set", None)
         return BeforeTraining(
             val_loss=self.validation_loss if has_val else None,
@@ -226,6 +226,11 @@ class DistillationTask(TaskBase):
             run_dir=run_dir, rank=self.global_rank, world_size=self.trainer.world_size,
             data_pairs=bool(train_set) and "student_response" in train_set[0],
         )
+
+    def _run_dir(self) -> Path:
+        """The run's output folder: the checkpoints' parent (``out_dir``), else the trainer's root dir."""
+        dirpath = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        return Path(dirpath).parent if dirpath else Path(self.trainer.default_root_dir)
 
     def _prompts_to_train_on(self, dm) -> list:
         """The prompts this run's training steps will draw (in the sampler's order; every training prompt
