@@ -32,14 +32,21 @@ class ResumableRandomSampler(Sampler[int]):
         return self.n - self.skip
 
 
-def first_samples(n: int, seed: int, count: int) -> list[int]:
-    """Indices of the first ``count`` samples a fresh run draws from ``ResumableRandomSampler(n, seed)``,
-    epoch after epoch (each index once; all of ``range(n)`` when ``count`` spans an epoch or more).
+def first_samples(n: int, seed: int, count: int, per_epoch: int | None = None) -> list[int]:
+    """Distinct indices among the first ``count`` samples a fresh run draws from
+    ``ResumableRandomSampler(n, seed)``: epoch ``e``'s order, of which the loader uses the first
+    ``per_epoch`` samples (default n), epoch after epoch.
 
     Objectives that prepare data per training example (DistiLLM-2's offline pairs) prepare only these.
-    Under DDP each rank takes a strided share of this same order, so ``count`` is the global sample count.
+    Under DDP each rank takes a strided share of the same order, so ``count`` and ``per_epoch`` are global.
     """
-    if count >= n:
-        return list(range(n))
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g)[:count].tolist()
+    per_epoch = n if per_epoch is None else min(per_epoch, n)
+    seen: dict[int, None] = {}
+    epoch = 0
+    while count > 0 and len(seen) < n:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        take = min(count, per_epoch)
+        seen.update(dict.fromkeys(order[:take]))
+        count -= take
+        epoch += 1
+    return list(seen)

@@ -95,28 +95,43 @@ class DistiLLM2Objective(Objective):
                 "kd/teacher_gen_len": float(t_gen.lengths.float().mean())}
         return responses_of(t_gen), responses_of(s_gen), logs
 
-    def settings(self, response_len: int | None = None) -> dict:
-        """What the offline pairs depend on (a resumed run refuses a file made otherwise)."""
+    def settings(self, response_len: int | None = None, identity: dict | None = None) -> dict:
+        """What the offline pairs depend on: the sampling settings and the run's identity (teacher,
+        initial student, seed). A run refuses a stored file made otherwise."""
         cfg = self.cfg
         n = cfg.max_new_tokens or response_len or self.max_new_tokens()
-        return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": n}
+        return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": n, **(identity or {})}
 
-    def check_pairs_file(self, run_dir: Path, response_len: int | None) -> None:
+    def check_pairs_file(self, run_dir: Path, response_len: int | None, identity: dict | None = None) -> None:
         """Refuse, before anything is written, a stored pairs file made with other settings."""
         path = run_dir / FILE_NAME
         if self.cfg.pairs == "offline" and path.is_file():
-            read_pairs(path, self.settings(response_len))
+            read_pairs(path, self.settings(response_len, identity))
 
     def before_training(self, ctx: BeforeTraining) -> None:
         if self.cfg.pairs != "offline" or ctx.train_prompts is None or ctx.data_pairs:
             return
         path = None if ctx.run_dir is None else ctx.run_dir / FILE_NAME
+        settings = self.settings(identity=ctx.identity)
         if path is not None and path.is_file():
-            self.offline = read_pairs(path, self.settings())
+            self.offline = read_pairs(path, settings)
+            missing = {tuple(p.tolist()) for p in ctx.train_prompts()} - self.offline.keys()
+            if missing:
+                raise ConfigError(
+                    f"{str(path)!r} holds pairs for {len(self.offline)} prompts, but this run draws {len(missing)} "
+                    "more (more steps than the run that wrote it?); offline pairs come from the initial student: "
+                    "start again from it with the file deleted, or set distillm2.pairs: online"
+                )
             return
+        if ctx.global_step > 0:
+            raise ConfigError(
+                f"offline DistiLLM-2 pairs come from the initial student, but this run resumes at step "
+                f"{ctx.global_step} without {FILE_NAME} in {str(ctx.run_dir)!r}; put the run's pairs file back, "
+                "or resume with distillm2.pairs: online"
+            )
         self.offline = self._generate_offline(ctx)
         if path is not None and ctx.rank == 0:
-            write_pairs(path, self.settings(), self.offline)
+            write_pairs(path, settings, self.offline)
 
     def _generate_offline(self, ctx: BeforeTraining) -> Pairs:
         """Pairs for every distinct prompt training will draw, from the initial student; each rank

@@ -76,6 +76,9 @@ class BeforeTraining:
         run_dir: the run's output folder (for files an objective keeps, e.g. offline pairs).
         rank / world_size: this process's place in a multi-process run.
         data_pairs: the data supplies (teacher, student) response pairs itself (DistiLLM-2 columns).
+        global_step: the optimizer step training starts from (> 0 when resuming).
+        identity: what data an objective prepares depends on besides its own settings (the teacher, the
+            initial student, the seed), for files it keeps across runs.
     """
 
     val_loss: Callable[[], float] | None = None
@@ -84,6 +87,8 @@ class BeforeTraining:
     rank: int = 0
     world_size: int = 1
     data_pairs: bool = False
+    global_step: int = 0
+    identity: dict = field(default_factory=dict)
 
 
 @dataclass

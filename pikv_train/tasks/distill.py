@@ -186,8 +186,13 @@ class DistillationTask(TaskBase):
                     f"{name}: data.prompt_len ({hp.prompt_len}) + generated tokens ({new}) exceed the student's "
                     f"max_seq_len={self.student.cfg.max_seq_len}; lower {name}.max_new_tokens or data.prompt_len"
                 )
+        if self.objective.needs_prompts and self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__:
+            raise ConfigError(
+                f"objective {name!r} generates text, and generation runs a different number of forwards per rank, "
+                "which FSDP's sharded blocks cannot do without hanging; use DDP (configs/trainer/gpu_ddp.yaml)"
+            )
         if hasattr(self.objective, "check_pairs_file") and self._trainer is not None:
-            self.objective.check_pairs_file(self._run_dir(), getattr(hp, "response_len", None))
+            self.objective.check_pairs_file(self._run_dir(), getattr(hp, "response_len", None), self._identity())
         if name == "distillm" and hp is not None and self.objective.cfg.capacity < hp.batch_size:
             raise ConfigError(
                 f"distillm.capacity={self.objective.cfg.capacity} is smaller than data.batch_size={hp.batch_size}: "
@@ -225,7 +230,14 @@ class DistillationTask(TaskBase):
             train_prompts=(lambda: self._prompts_to_train_on(dm)) if train_set is not None else None,
             run_dir=run_dir, rank=self.global_rank, world_size=self.trainer.world_size,
             data_pairs=bool(train_set) and "student_response" in train_set[0],
+            global_step=self.global_step, identity=self._identity(),
         )
+
+    def _identity(self) -> dict:
+        """What prepared training data depends on besides the objective's settings."""
+        t = self.teacher_cfg
+        return {"teacher": t.hf_path or t.checkpoint, "student_init": self.hparams.student_init,
+                "seed": self.hparams.seed}
 
     def _run_dir(self) -> Path:
         """The run's output folder: the checkpoints' parent (``out_dir``), else the trainer's root dir."""
@@ -233,36 +245,54 @@ class DistillationTask(TaskBase):
         return Path(dirpath).parent if dirpath else Path(self.trainer.default_root_dir)
 
     def _prompts_to_train_on(self, dm) -> list:
-        """The prompts this run's training steps will draw (in the sampler's order; every training prompt
-        once the run spans an epoch)."""
+        """The prompts this run's training steps will draw: the sampler's order epoch after epoch, as many
+        samples per epoch as the train loader yields (drop_last, limit_train_batches, all ranks)."""
+        import math
+
         from pikv_train.data.sampler import first_samples
 
-        t = self.trainer
-        count = total_training_steps(t) * t.accumulate_grad_batches * dm.hparams.batch_size * t.world_size
-        return [dm.train_set[i]["prompt"] for i in first_samples(len(dm.train_set), dm.hparams.shuffle_seed, count)]
+        t, n, bs = self.trainer, len(dm.train_set), dm.hparams.batch_size
+        per_rank = math.ceil(n / t.world_size)
+        batches = per_rank // bs if n >= bs else 1  # the loader drops the last partial batch (full batches)
+        lim = t.limit_train_batches
+        if isinstance(lim, int):
+            batches = min(batches, lim)
+        elif lim is not None and lim < 1.0:
+            batches = max(1, int(batches * lim))
+        per_epoch = max(1, batches * bs * t.world_size)
+        count = total_training_steps(t) * t.accumulate_grad_batches * bs * t.world_size
+        idx = first_samples(n, dm.hparams.shuffle_seed, count, per_epoch)
+        return [dm.train_set[i]["prompt"] for i in idx]
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """The student's token-mean validation CE (``val/loss``) now, over the batches a validation of this
-        trainer covers (``limit_val_batches`` of the split), so it compares like with like."""
-        loader = self.trainer.datamodule.val_dataloader()
-        limit = self.trainer.limit_val_batches
-        n_batches = len(loader)
+        """The student's token-mean validation CE (``val/loss``) now, measured as a validation of this
+        trainer measures it: each rank's share of the split (a distributed sampler's ``rank::world``), the
+        first ``limit_val_batches`` of it, under the trainer's precision, summed over ranks."""
+        from torch.utils.data import DataLoader, Subset
+
+        t, dm = self.trainer, self.trainer.datamodule
+        plain = dm.val_dataloader()
+        share = Subset(dm.val_set, range(self.global_rank, len(dm.val_set), t.world_size))
+        loader = DataLoader(share, batch_size=plain.batch_size, collate_fn=plain.collate_fn)
+        n_batches, limit = len(loader), t.limit_val_batches
         if isinstance(limit, int):
             n_batches = min(n_batches, limit)
         elif limit is not None and limit < 1.0:
             n_batches = max(1, int(n_batches * limit)) if limit > 0 else 0
         was = self.student.training
         self.student.eval()
-        nll = n = 0.0
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            parts = self.distill_loss.validation(batch)
-            nll, n = nll + float(parts["ce"]), n + float(parts["n"])
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (NLL sum, tokens)
+        with t.precision_plugin.val_step_context():
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                parts = self.distill_loss.validation(batch)
+                sums += torch.stack([parts["ce"].double(), parts["n"].double()])
         self.student.train(was)
-        return nll / max(n, 1.0)
+        sums = t.strategy.reduce(sums, reduce_op="sum")
+        return float(sums[0] / sums[1].clamp_min(1.0))
 
     def training_step(self, batch, batch_idx):
         if self.objective.env is None:  # a step outside Trainer.fit (tests, manual loops)

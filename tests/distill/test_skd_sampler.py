@@ -150,15 +150,29 @@ def test_reject_all_rows_stop_at_the_position_limit_and_finished_rows_stop_advan
     assert res.accepted == 0 and res.replaced == 4 * max_new
     assert all(r.tolist() == [7] * max_new for r in res.responses)
     assert max(seen_s) <= limit - 1 and max(seen_t) <= limit - 1
-    # A row that finished early (EOS) stops advancing: its positions stay below its own end.
-    teacher.logits = lambda h: torch.nn.functional.one_hot(torch.full(h.shape[:-1], 256), 258).float() * 30
-    seen_s.clear(), seen_t.clear()
+    # Rows that finish early (EOS) stop advancing while the others go on: the teacher's top-1 is EOS when
+    # fed position 10, so rows with prompts of 8, 5, 8 and 2 tokens end after 3, 6, 3 and 9 tokens.
+    fed = []
+    plain_forward = teacher.forward
+
+    def forward(ids, *, positions=None, cache=None, **kw):
+        fed.append(positions)
+        return plain_forward(ids, positions=positions, cache=cache, **kw)
+
+    def eos_at_10(h):
+        out = teacher_logits(h)
+        out[..., 256] = torch.where(fed[-1] == 10, 40.0, 0.0)  # (B, T) positions of this forward
+        return out
+
+    teacher.forward, teacher.logits = forward, eos_at_10
     prompts = _limit_prompts()
     res = speculative_kd_sample(student, teacher, prompts, SKDConfig(gamma=4, top_k=1, teacher_temperature=0.0),
                                 max_new, eos_id=256, generator=torch.Generator().manual_seed(0))
-    assert [r.tolist() for r in res.responses] == [[256]] * 4
-    assert max(seen_t) <= max(len(p) for p in prompts) - 1 + 3  # one round of gamma = 4, then nothing more
-    del eos_at
+    assert [r.tolist() for r in res.responses] == [[7] * 3 + [256], [7] * 6 + [256], [7] * 3 + [256], [7] * 9]
+    for i, (p, r) in enumerate(zip(prompts, res.responses)):
+        # Each round adds one token (all rejected); the last round fed at most gamma slots from the last `cur`.
+        row_max = max(int(pos[i].max()) for pos in fed)
+        assert row_max <= len(p) - 1 + len(r) - 1 + 3, (i, row_max)
 
 
 def test_padded_vocabulary_is_never_proposed_sampled_or_accepted():

@@ -354,7 +354,8 @@ def test_distillm2_offline_pairs_are_generated_once_stored_and_reused_on_resume(
     path = tmp_path / "run" / FILE_NAME
     lines = path.read_text().splitlines()
     header, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
-    assert header["settings"] == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 6}
+    assert header["settings"] == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 6, "teacher": teacher_ckpt,
+                                  "student_init": None, "seed": 0}
     # One pair per prompt the run's 2 steps x 3 prompts draw (the sampler's order), not the whole split.
     from pikv_train.data.sampler import ResumableRandomSampler
 
@@ -386,3 +387,99 @@ def test_distillm2_offline_pairs_are_generated_once_stored_and_reused_on_resume(
                         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints")])
     with pytest.raises(ConfigError, match="holds pairs generated with"):
         trainer.fit(other, datamodule=_dm())
+
+
+def test_first_samples_follow_the_sampler_epoch_after_epoch():
+    from pikv_train.data.sampler import ResumableRandomSampler, first_samples
+
+    orders = []
+    for e in range(3):
+        s = ResumableRandomSampler(10, seed=4)
+        s.set_epoch(e)
+        orders.append(list(s))
+    # 4 samples used per epoch (e.g. limit_train_batches), 12 drawn: the first 4 of epochs 0, 1 and 2.
+    expected = list(dict.fromkeys(orders[0][:4] + orders[1][:4] + orders[2][:4]))
+    assert first_samples(10, 4, 12, per_epoch=4) == expected
+    assert first_samples(10, 4, 3) == orders[0][:3]
+    assert sorted(first_samples(10, 4, 25)) == list(range(10))
+
+
+def _qa_dm(tmp_path, n=10):
+    rows = [{"prompt": f"q{i}: what is {i} + {i}?", "answer": f"{2 * i}"} for i in range(n)]
+    f = tmp_path / "qa.json"
+    f.write_text(json.dumps(rows))
+    return lambda: TextDataModule(path=str(f), prompt_field="prompt", response_field="answer", mode="prompts",
+                                  prompt_len=8, response_len=6, batch_size=3, val_fraction=0.2)
+
+
+def _ckpt_trainer(tmp_path, steps):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+                     callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints")])
+
+
+def test_offline_pairs_refuse_another_teacher_more_steps_or_a_resume_without_the_file(teacher_ckpt, tmp_path):
+    import shutil
+
+    from pikv_train.distill.pairs_file import FILE_NAME
+
+    dm = _qa_dm(tmp_path)
+    _ckpt_trainer(tmp_path, 1).fit(_task(teacher_ckpt, "distillm2"), datamodule=dm())  # pairs for 3 prompts
+    # Another teacher: the stored pairs are not its responses.
+    other_teacher = tmp_path / "other.ckpt"
+    shutil.copy(teacher_ckpt, other_teacher)
+    with pytest.raises(ConfigError, match="holds pairs generated with"):
+        _ckpt_trainer(tmp_path, 1).fit(_task(str(other_teacher), "distillm2"), datamodule=dm())
+    # More steps than the run that wrote the file: prompts without pairs are refused up front.
+    with pytest.raises(ConfigError, match="more steps than the run that wrote it"):
+        _ckpt_trainer(tmp_path, 3).fit(_task(teacher_ckpt, "distillm2"), datamodule=dm())
+    # A resumed student (step > 0) never makes "offline" pairs: they must come from the initial student.
+    (tmp_path / "run" / FILE_NAME).unlink()
+    task = _task(teacher_ckpt, "distillm2", distillm2=DistiLLM2Config(max_new_tokens=6))
+    from pikv_train.distill import BeforeTraining
+
+    with pytest.raises(ConfigError, match="resumes at step 5 without distillm2_pairs.jsonl"):
+        task.objective.before_training(BeforeTraining(train_prompts=lambda: [torch.tensor([1, 2])],
+                                                      run_dir=tmp_path / "run", global_step=5))
+
+
+def test_the_reference_is_not_measured_again_on_resume():
+    from pikv_train.distill import BeforeTraining
+    from pikv_train.distill.distillm import DistiLLMObjective
+
+    obj = DistiLLMObjective(DistiLLMConfig())
+    obj.schedule.reference = 2.5  # restored from the checkpoint
+    obj.before_training(BeforeTraining(val_loss=lambda: pytest.fail("reference measured again")))
+    assert obj.schedule.reference == 2.5
+
+
+def test_checkpoints_of_the_previous_layout_load(teacher_ckpt):
+    # Before objectives were objects, the task saved {schedule: {phi, prev_val_loss}, replay, rng, gen}.
+    old = DistillationTask(objective="distillm", teacher=TeacherConfig(checkpoint=teacher_ckpt))
+    old.objective.rng.random()
+    legacy = {"pikv_sampler": {"schedule": {"phi": 0.3, "prev_val_loss": 2.5},
+                               "replay": {"capacity": 4, "items": [([1, 2], [3]), ([4], [5, 6])]},
+                               "rng": list(old.objective.rng.getstate()), "gen": old.objective.gen.get_state()}}
+    task = _task(teacher_ckpt, "distillm")
+    task.on_load_checkpoint(legacy)
+    sched, replay = task.objective.schedule, task.objective.replay
+    assert (sched.phi, sched.reference) == (0.3, 2.5)
+    assert list(replay.items) == [([1, 2], [3]), ([4], [5, 6])] and replay.capacity == 4
+    assert task.objective.rng.random() == old.objective.rng.random()
+    # Another objective takes what it has (its random streams) and ignores the rest.
+    skd = _task(teacher_ckpt, "skd")
+    skd.on_load_checkpoint(legacy)
+    assert skd.objective.gen.get_state().equal(old.objective.gen.get_state())
+
+
+def test_generating_objectives_are_refused_under_fsdp(teacher_ckpt):
+    from types import SimpleNamespace
+
+    FSDPStrategy = type("FSDPStrategy", (), {})
+    task = _task(teacher_ckpt, "skd")
+    task._trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=None)
+    with pytest.raises(ConfigError, match="use DDP"):
+        task.preflight()
+    task = _task(teacher_ckpt, "kd")
+    task._trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=None)
+    task.preflight()  # kd generates nothing: fine under FSDP
