@@ -131,9 +131,27 @@ def test_distillm2_online_pairs_with_a_hf_teacher_equal_the_cache_free_reference
 
     obj = DistiLLM2Objective(DistiLLM2Config(pairs="online", temperature=0.0))
     obj.bind(_env(student, teacher, real, 8))
-    teacher_batch, _, _ = obj.responses({"prompts": prompts})
+    teacher_batch, student_resp, _ = obj.responses({"prompts": prompts})
     for i, p in enumerate(prompts):
         assert teacher_batch["targets"][i, len(p) - 1 : len(p) + 7].tolist() == ref[i]
+    # The pair loss equals the published formula on dense logits of the teacher's own forward.
+    from pikv_train.data.prompts import build_sequences
+    from pikv_train.distill.divergences import skew_kl, skew_reverse_kl
+
+    obj.responses = lambda batch: (teacher_batch, student_resp, {})  # the same pairs for the formula below
+    loss_fn = DistillLoss(student, teacher, DistillLossConfig(chunk_size=5), vocab_size=real)
+    out = obj.loss({"prompts": prompts}, StepInfo(0, 1), loss_fn)
+    student_batch = build_sequences(prompts, student_resp, 0)
+
+    def seq_mean(b, fn, **kw):
+        s = student.logits(student(b["input_ids"]).hidden)[..., :real]
+        t = teacher.model(b["input_ids"]).logits[..., :real]
+        return fn(student_logits=s, teacher_logits=t, mask=b["loss_mask"], reduction="sequence_mean", **kw)
+
+    with torch.no_grad():
+        expected = seq_mean(teacher_batch, skew_kl, alpha=0.1) + seq_mean(student_batch, skew_reverse_kl, alpha=0.1,
+                                                                            detach_mixture=True)
+    assert_close_rel(out.total / out.count, expected, 1e-5)
 
 
 @pytest.mark.parametrize("objective", ["skd", "distillm2"])
