@@ -36,6 +36,15 @@ from pikv_train.tasks.teacher import TeacherConfig, init_student_from, load_teac
 __all__ = ["DistillationTask", "DistillLossConfig"]
 
 
+def _limited(n_batches: int, limit: int | float | None) -> int:
+    """Batches a loop runs under a Lightning ``limit_*_batches`` (a count, or a fraction of the loader)."""
+    if isinstance(limit, int):
+        return min(n_batches, limit)
+    if limit is not None and limit < 1.0:
+        return max(1, int(n_batches * limit)) if limit > 0 else 0
+    return n_batches
+
+
 def _student_default() -> ModelConfig:
     # The student of recipes/distill.yaml (configs/model/student_moe.yaml), so the README's sizes hold
     # for a run that does not name one.
@@ -254,11 +263,7 @@ class DistillationTask(TaskBase):
         t, n, bs = self.trainer, len(dm.train_set), dm.hparams.batch_size
         per_rank = math.ceil(n / t.world_size)
         batches = per_rank // bs if n >= bs else 1  # the loader drops the last partial batch (full batches)
-        lim = t.limit_train_batches
-        if isinstance(lim, int):
-            batches = min(batches, lim)
-        elif lim is not None and lim < 1.0:
-            batches = max(1, int(batches * lim))
+        batches = _limited(batches, t.limit_train_batches)
         per_epoch = max(1, batches * bs * t.world_size)
         count = total_training_steps(t) * t.accumulate_grad_batches * bs * t.world_size
         idx = first_samples(n, dm.hparams.shuffle_seed, count, per_epoch)
@@ -275,11 +280,7 @@ class DistillationTask(TaskBase):
         plain = dm.val_dataloader()
         share = Subset(dm.val_set, range(self.global_rank, len(dm.val_set), t.world_size))
         loader = DataLoader(share, batch_size=plain.batch_size, collate_fn=plain.collate_fn)
-        n_batches, limit = len(loader), t.limit_val_batches
-        if isinstance(limit, int):
-            n_batches = min(n_batches, limit)
-        elif limit is not None and limit < 1.0:
-            n_batches = max(1, int(n_batches * limit)) if limit > 0 else 0
+        n_batches = _limited(len(loader), t.limit_val_batches)
         was = self.student.training
         self.student.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (NLL sum, tokens)
