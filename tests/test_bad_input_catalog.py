@@ -112,11 +112,31 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", CASES)
+def _extra_cases() -> dict:
+    """Cases kept in tests/catalog_cases_*.py (one module per area, so the table grows without conflicts):
+    each module has ``CASES = {name: build}`` with ``build(tmp, recipe, ckpt, distill_recipe)`` returning
+    (CLI arguments, expected text of the one error line). ``distill_recipe(teacher_path)`` writes a tiny
+    distillation recipe; ``recipe`` is a tiny LM recipe whose run folder (``tmp / "run"``) holds ``ckpt``."""
+    import importlib
+
+    cases = {}
+    for path in sorted(Path(__file__).parent.glob("catalog_cases_*.py")):
+        cases.update(importlib.import_module(path.stem).CASES)
+    return cases
+
+
+EXTRA = _extra_cases()
+
+
+@pytest.mark.parametrize("name", CASES + sorted(EXTRA))
 def test_bad_input_gives_one_line_and_loses_nothing(name, trained):
     tmp, recipe = trained
     before = _snapshot(tmp / "run")
-    args, expected = _case(name, tmp, recipe)
+    if name in EXTRA:
+        args, expected = EXTRA[name](tmp, recipe, tmp / "run" / "checkpoints" / "last.ckpt",
+                                     lambda teacher: _distill_recipe(tmp, teacher))
+    else:
+        args, expected = _case(name, tmp, recipe)
     proc = run_cli(*args)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
