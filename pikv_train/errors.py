@@ -24,3 +24,41 @@ class NonFiniteError(UserError, RuntimeError):
 class RollbackError(UserError, RuntimeError):
     """A cache that cannot undo tokens by hiding positions (evicting policies, shard summaries); the message
     names the fix: ``cache.snapshot()`` before the speculative tokens and ``cache.restore()``."""
+
+
+def bad_value(key: str, value, valid: str, fix: str) -> ConfigError:
+    """The one-line error for a setting outside its range: ``key=value is invalid: valid; fix``.
+
+    ``key`` is the setting's config path (``model.init_args.optim.lr``), ``valid`` the range or choices.
+    """
+    return ConfigError(f"{key}={value!r} is invalid: {valid}; {fix}")
+
+
+def check_range(key: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
+                fix: str | None = None) -> None:
+    """Raise :func:`bad_value` unless ``lo <= value <= hi`` (``<`` on an open end; None = unbounded)."""
+    low_ok = lo is None or (value > lo if lo_open else value >= lo)
+    high_ok = hi is None or (value < hi if hi_open else value <= hi)
+    if low_ok and high_ok and value == value:  # value == value is False for NaN
+        return
+    if lo is not None and hi is not None:
+        valid = f"must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        valid = f"must be {'>' if lo_open else '>='} {lo}"
+    else:
+        valid = f"must be {'<' if hi_open else '<='} {hi}"
+    raise bad_value(key, value, valid, fix or f"set {key} within that range")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A legal but probably unintended setting: one warning per message and process (rank zero only),
+    through Python's warnings, so the console log and W&B's captured output show it."""
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(message, category=UserWarning)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from pikv_train.errors import ConfigError
+from pikv_train.errors import ConfigError, bad_value, check_range
 
 PolicyName = Literal["full", "h2o", "streaming_llm", "quest", "flexgen", "lru", "lru_plus", "ada_kv", "duo_attention"]
 POLICIES = ("full", "h2o", "streaming_llm", "quest", "flexgen", "lru", "lru_plus", "ada_kv", "duo_attention")
@@ -92,34 +92,36 @@ class CacheConfig:
     def validate(self) -> "CacheConfig":
         """Raise a one-line ConfigError naming the fix (called by ``build_policy`` and the policies, so the
         CLI reports it as ``error: ...`` rather than as a parse error)."""
+        k = "model.init_args.cache."
         if self.policy not in POLICIES:
-            raise ConfigError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+            raise bad_value(k + "policy", self.policy, f"choose one of {', '.join(POLICIES)}", f"fix {k}policy")
         b = self.budget
         if not (b > 0) or (b > 1 and float(b) != int(b)):
-            raise ConfigError(
-                f"cache.budget={b} is out of range; use a fraction in (0, 1] or a whole token count > 1"
-            )
-        if self.n_sink < 0 or self.chunk_size < 1 or self.page_size < 1 or self.snap_window < 1:
-            raise ConfigError("cache.n_sink must be >= 0 and cache.chunk_size, page_size, snap_window >= 1")
-        if not 0 <= self.ada_alpha <= 1:
-            raise ConfigError(f"cache.ada_alpha={self.ada_alpha} must lie in [0, 1]")
-        if self.kv_bits not in (0, 4, 8) or self.kv_group_size < 1 or (self.kv_bits == 4 and self.kv_group_size % 2):
-            raise ConfigError(
-                f"cache.kv_bits={self.kv_bits}, kv_group_size={self.kv_group_size}: use kv_bits 0 (off), 4 or 8 "
-                "and a group size >= 1 (even for 4 bits)"
-            )
+            raise ConfigError(f"{k}budget={b} is out of range; use a fraction in (0, 1] or a whole token count > 1 "
+                              f"(e.g. {k}budget 0.5 for half the keys, or 64 tokens)")
+        for name, lo in (("n_sink", 0), ("chunk_size", 1), ("page_size", 1), ("snap_window", 1), ("snap_kernel", 1),
+                         ("lru_top_m", 0), ("quest_dense_layers", 0), ("kv_group_size", 1)):
+            check_range(k + name, getattr(self, name), lo=lo, fix=f"set {k}{name} >= {lo}")
+        check_range(k + "ada_alpha", self.ada_alpha, lo=0, hi=1, fix=f"set {k}ada_alpha in [0, 1] (kvpress: 0.2)")
+        if self.kv_bits not in (0, 4, 8):
+            raise bad_value(k + "kv_bits", self.kv_bits, "choose 0 (off), 4 or 8", f"set {k}kv_bits to 0, 4 or 8")
+        if self.kv_bits == 4 and self.kv_group_size % 2:
+            raise bad_value(k + "kv_group_size", self.kv_group_size, "must be even with kv_bits 4 (two values a byte)",
+                            f"set {k}kv_group_size to an even number (FlexGen: 64)")
         if self.sparse_top_k:
             raise ConfigError("cache.sparse_top_k was replaced by cache.attn_sparsity (FlexGen's fraction of earlier "
                               "keys each query keeps, e.g. 0.25); remove sparse_top_k")
-        if not 0 < self.attn_sparsity <= 1:
-            raise ConfigError(f"cache.attn_sparsity={self.attn_sparsity} must lie in (0, 1] (1 = dense)")
-        if self.reference_len is not None and self.reference_len < 1:
-            raise ConfigError(f"cache.reference_len={self.reference_len} must be >= 1 (or null: the model's max_seq_len)")
-        if not 0 < self.lru_threshold <= 1:
-            raise ConfigError(f"cache.lru_threshold={self.lru_threshold} must lie in (0, 1]: a query 'uses' a key "
-                              "when its attention weight reaches it")
-        if self.heavy_ratio < 0 or self.recent_ratio <= 0:
-            raise ConfigError("cache.recent_ratio must be > 0 and cache.heavy_ratio >= 0")
+        check_range(k + "attn_sparsity", self.attn_sparsity, lo=0, hi=1, lo_open=True,
+                    fix=f"set {k}attn_sparsity in (0, 1] (1 = dense)")
+        if self.reference_len is not None:
+            check_range(k + "reference_len", self.reference_len, lo=1,
+                        fix=f"set {k}reference_len >= 1 (or null: the model's max_seq_len)")
+        check_range(k + "lru_threshold", self.lru_threshold, lo=0, hi=1, lo_open=True,
+                    fix=f"set {k}lru_threshold in (0, 1]: a query 'uses' a key when its attention weight reaches it")
+        check_range(k + "recent_ratio", self.recent_ratio, lo=0, lo_open=True, fix=f"set {k}recent_ratio > 0")
+        check_range(k + "heavy_ratio", self.heavy_ratio, lo=0, fix=f"set {k}heavy_ratio >= 0")
+        check_range(k + "duo_threshold", self.duo_threshold, lo=0, hi=1, fix=f"set {k}duo_threshold in [0, 1]")
+        check_range(k + "duo_l1_weight", self.duo_l1_weight, lo=0, fix=f"set {k}duo_l1_weight >= 0")
         return self
 
     @classmethod

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from pikv_train.errors import ConfigError
 from pikv_train.models.hooks import AttentionContext, AttentionHook
 
 
@@ -64,17 +65,18 @@ class ShardingConfig:
 def _check(cfg: ShardingConfig, n_experts: int) -> int:
     n_shards = cfg.n_shards or n_experts
     if not 1 <= n_shards <= n_experts:
-        raise ValueError(f"kv_sharding.n_shards={cfg.n_shards} must be between 1 and n_experts={n_experts}")
+        raise ConfigError(f"model.init_args.kv_sharding.n_shards={cfg.n_shards} must be between 1 and n_experts={n_experts}; "
+                          "set it in that range, or null for one shard per expert")
     if cfg.window < 1:
-        raise ValueError(f"kv_sharding.window={cfg.window} must be >= 1 (a query must see itself)")
+        raise ConfigError(f"model.init_args.kv_sharding.window={cfg.window} must be >= 1 (a query must see itself)")
     if cfg.n_sink < 0:
-        raise ValueError(f"kv_sharding.n_sink={cfg.n_sink} must be >= 0")
+        raise ConfigError(f"model.init_args.kv_sharding.n_sink={cfg.n_sink} must be >= 0")
     if cfg.read_mode not in ("by_routing", "by_score"):
-        raise ValueError(f"kv_sharding.read_mode must be 'by_routing' or 'by_score', got {cfg.read_mode!r}")
+        raise ConfigError(f"model.init_args.kv_sharding.read_mode must be 'by_routing' or 'by_score', got {cfg.read_mode!r}")
     if cfg.shard_budget is not None and cfg.shard_budget < 1:
-        raise ValueError(f"kv_sharding.shard_budget={cfg.shard_budget} must be >= 1 (or null: unbounded shards)")
+        raise ConfigError(f"model.init_args.kv_sharding.shard_budget={cfg.shard_budget} must be >= 1 (or null: unbounded shards)")
     if cfg.read_shards is not None and not 1 <= cfg.read_shards <= n_shards:
-        raise ValueError(f"kv_sharding.read_shards={cfg.read_shards} must be between 1 and n_shards={n_shards}")
+        raise ConfigError(f"model.init_args.kv_sharding.read_shards={cfg.read_shards} must be between 1 and n_shards={n_shards}")
     return n_shards
 
 
@@ -246,7 +248,8 @@ def build_sharding(cfg: ShardingConfig | None, model_cfg) -> ExpertShardedKV | N
     if cfg is None or not cfg.enabled:
         return None
     if model_cfg.moe is None:
-        raise ValueError("kv_sharding.enabled needs an MoE model (model.moe is not set)")
+        raise ConfigError("model.init_args.kv_sharding.enabled=True needs an MoE model (model.moe is not set); "
+                          "set the model's moe settings or kv_sharding.enabled false")
     return ExpertShardedKV(
         cfg, model_cfg.moe.n_experts, model_cfg.moe.router.top_k, model_cfg.n_kv_head, model_cfg.head_dim
     )

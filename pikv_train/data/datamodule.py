@@ -11,7 +11,7 @@ Packing: the tokenized rows are concatenated, each followed by EOS, and cut into
 
 from __future__ import annotations
 
-from pikv_train.errors import ConfigError, DataError, MissingFileError
+from pikv_train.errors import ConfigError, DataError, MissingFileError, check_range
 
 from pathlib import Path
 from typing import Literal
@@ -44,6 +44,23 @@ class PackedDataset(Dataset):
         w = torch.from_numpy(self.tokens[s : s + self.seq_len + 1].astype(np.int64))
         m = torch.from_numpy(self.mask[s + 1 : s + self.seq_len + 1].copy())
         return {"input_ids": w[:-1], "targets": w[1:], "loss_mask": m}
+
+
+def _check_text_columns(rows: list[dict], columns: list[tuple[str, str | None]], path) -> None:
+    """Every used column holds text in every row. A null would become the literal text "None"; a number
+    (or list, ...) usually means the wrong column was named, and its printed form is not the text meant."""
+    for key, col in columns:
+        if col is None:
+            continue
+        for i, r in enumerate(rows):
+            v = r.get(col)
+            if isinstance(v, str):
+                continue
+            what = "is null (missing)" if v is None else f"holds a {type(v).__name__} ({str(v)[:40]!r}), not text"
+            raise DataError(
+                f"{key}={col!r}: row {i} (0-based) of {path or 'the embedded corpus'!r} {what}; every row's {col!r} "
+                f"must be a string: fix or drop that row, or point {key} at the text column"
+            )
 
 
 class TextDataModule(L.LightningDataModule):
@@ -96,7 +113,14 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}; use 0 for no validation split")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}; set e.g. 0.05, or 0 for no "
+                              "validation split")
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("prompt_len", prompt_len),
+                            ("response_len", response_len)):
+            check_range(f"data.{name}", value, lo=1, fix=f"set data.{name} to a positive integer")
+        if max_documents is not None:
+            check_range("data.max_documents", max_documents, lo=1, fix="set data.max_documents >= 1, or null for all rows")
+        check_range("data.num_workers", num_workers, lo=0, fix="set data.num_workers >= 0 (0 = load in the main process)")
         if student_response_field and not prompt_field:
             raise ConfigError("data.student_response_field needs data.prompt_field and data.response_field")
         if (prompt_field is None) != (response_field is None):
@@ -151,6 +175,9 @@ class TextDataModule(L.LightningDataModule):
                 f"dataset rows have no field {missing[0]!r} (fields: {sorted(rows[0])}); "
                 "set data.text_field or data.prompt_field/response_field"
             )
+        _check_text_columns(rows, [("data.prompt_field", hp.prompt_field), ("data.response_field", hp.response_field),
+                                   ("data.student_response_field", hp.student_response_field)]
+                            if hp.prompt_field else [("data.text_field", hp.text_field)], hp.path)
         return rows
 
     def split_rows(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -49,6 +49,21 @@ class DistiLLMConfig:
     max_new_tokens: int | None = None
     """Tokens generated per prompt (default: the data's response_len)."""
 
+    def __post_init__(self) -> None:
+        from pikv_train.distill.term import check_skew
+        from pikv_train.errors import check_range
+
+        k = "model.init_args.distillm."
+        check_skew(k + "alpha", self.alpha, self.divergence)
+        check_range(k + "init_phi", self.init_phi, lo=0, hi=1, fix=f"set {k}init_phi in [0, 1] (a probability)")
+        check_range(k + "phi_step", self.phi_step, lo=0, hi=1, fix=f"set {k}phi_step in [0, 1] (0 = phi never rises)")
+        check_range(k + "loss_eps", self.loss_eps, lo=0, fix=f"set {k}loss_eps >= 0")
+        check_range(k + "capacity", self.capacity, lo=1, fix=f"set {k}capacity >= data.batch_size")
+        check_range(k + "temperature", self.temperature, lo=0, fix=f"set {k}temperature >= 0 (0 = greedy; DistiLLM: 1.0)")
+        check_range(k + "top_p", self.top_p, lo=0, hi=1, lo_open=True, fix=f"set {k}top_p in (0, 1] (1.0 = no truncation)")
+        if self.max_new_tokens is not None:
+            check_range(k + "max_new_tokens", self.max_new_tokens, lo=1, fix=f"set {k}max_new_tokens >= 1 or null")
+
 
 class AdaptiveOffPolicySchedule:
     """The phi schedule and the per-batch source decision."""

@@ -64,6 +64,21 @@ class DistiLLM2Config:
     generation_batch_size: int = 32
     """Prompts per generation batch when making the offline pairs."""
 
+    def __post_init__(self) -> None:
+        from pikv_train.distill.term import check_skew
+        from pikv_train.errors import check_range
+
+        k = "model.init_args.distillm2."
+        check_skew(k + "alpha1", self.alpha1, "skl")
+        check_skew(k + "alpha2", self.alpha2, "srkl")
+        check_range(k + "beta", self.beta, lo=0, hi=2,
+                    fix=f"set {k}beta in [0, 2] (the loss is (2 - beta) * SKL + beta * SRKL; both weights must be >= 0)")
+        check_range(k + "temperature", self.temperature, lo=0, fix=f"set {k}temperature >= 0 (0 = greedy; DistiLLM-2: 0.8)")
+        check_range(k + "top_p", self.top_p, lo=0, hi=1, lo_open=True, fix=f"set {k}top_p in (0, 1] (DistiLLM-2: 0.95)")
+        check_range(k + "generation_batch_size", self.generation_batch_size, lo=1, fix=f"set {k}generation_batch_size >= 1")
+        if self.max_new_tokens is not None:
+            check_range(k + "max_new_tokens", self.max_new_tokens, lo=1, fix=f"set {k}max_new_tokens >= 1 or null")
+
 
 def beta_at(cfg: DistiLLM2Config, step: int, total: int) -> float:
     """The beta used at optimizer step ``step`` of ``total``."""

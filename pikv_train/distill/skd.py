@@ -60,6 +60,20 @@ class SKDConfig:
     max_new_tokens: int | None = None
     """Response length limit (default: the data's response_len)."""
 
+    def __post_init__(self) -> None:
+        from pikv_train.errors import check_range
+
+        k = "model.init_args.skd."
+        check_range(k + "gamma", self.gamma, lo=1, fix=f"set {k}gamma >= 1 (tokens the student proposes per round; SKD: 5)")
+        check_range(k + "top_k", self.top_k, lo=1, fix=f"set {k}top_k >= 1 (SKD: 25)")
+        for who in ("student", "teacher"):
+            check_range(f"{k}{who}_temperature", getattr(self, f"{who}_temperature"), lo=0,
+                        fix=f"set {k}{who}_temperature >= 0 (0 = greedy)")
+            check_range(f"{k}{who}_top_p", getattr(self, f"{who}_top_p"), lo=0, hi=1, lo_open=True,
+                        fix=f"set {k}{who}_top_p in (0, 1]")
+        if self.max_new_tokens is not None:
+            check_range(k + "max_new_tokens", self.max_new_tokens, lo=1, fix=f"set {k}max_new_tokens >= 1 or null")
+
 
 @dataclass
 class SKDResult:

@@ -14,8 +14,21 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from pikv_train.errors import bad_value, check_range
+
 from .chunked import chunked_distill_loss
 from .divergences import sequence_mean_weights
+
+
+def check_skew(key: str, alpha: float, divergence: str | None) -> None:
+    """Skew alpha of SKL / SRKL: in [0, 1); 1 mixes in only the teacher (SKL) or only the student (SRKL),
+    so the divergence is identically 0 and nothing is distilled. ``divergence`` None: the range only."""
+    if divergence is not None and alpha == 1:
+        raise bad_value(key, alpha, f"must be < 1: with alpha 1 the {divergence} mixture equals one of the two "
+                        "distributions, so the divergence is 0 and gives no distillation signal",
+                        f"lower {key} (the published value is 0.1)")
+    check_range(key, alpha, lo=0, hi=1, hi_open=divergence is not None,
+                fix=f"set {key} in [0, 1) (the published value is 0.1)")
 
 
 @dataclass
@@ -42,6 +55,20 @@ class DistillLossConfig:
     ``cache.duo_l1_weight``) keep their own weight."""
     chunk_size: int = 512
     """Tokens per chunk of the fused LM head + loss."""
+
+    def __post_init__(self) -> None:
+        k = "model.init_args.loss."
+        check_range(k + "temperature", self.temperature, lo=0, lo_open=True,
+                    fix=f"set {k}temperature > 0 (1.0 = the raw logits)")
+        check_range(k + "beta", self.beta, lo=0, hi=1, fix=f"set {k}beta in [0, 1] (0 = forward KL, 1 = reverse KL)")
+        check_skew(k + "alpha", self.alpha, self.divergence if self.divergence in ("skl", "srkl") else None)
+        check_range(k + "kd_weight", self.kd_weight, lo=0, fix=f"set {k}kd_weight >= 0")
+        check_range(k + "ce_weight", self.ce_weight, lo=0, fix=f"set {k}ce_weight >= 0")
+        check_range(k + "router_loss_weight", self.router_loss_weight, lo=0, fix=f"set {k}router_loss_weight >= 0")
+        check_range(k + "chunk_size", self.chunk_size, lo=1, fix=f"set {k}chunk_size >= 1 (e.g. 512)")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise bad_value(k + "kd_weight", 0, f"{k}kd_weight and {k}ce_weight are both 0, so only the router "
+                            "losses would train", f"set {k}kd_weight > 0 (distillation) or {k}ce_weight > 0 (cross-entropy)")
 
     def divergence_kwargs(self) -> dict:
         """Hyper-parameters of the configured divergence (beta for JSD, alpha for SKL/SRKL)."""

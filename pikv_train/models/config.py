@@ -6,11 +6,16 @@ its documentation, shown by ``--help`` and ``--print_config=comments``.
 
 from __future__ import annotations
 
-from pikv_train.errors import ConfigError
+from pikv_train.errors import ConfigError, bad_value, check_range
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from pikv_train.routing.base import RouterConfig
+
+
+MODEL_KEY = "model.init_args.{model|student}"
+"""How messages name a ModelConfig: the LM task's ``model.init_args.model`` or the distillation student's
+``model.init_args.student`` (the same dataclass; a teacher's comes from its checkpoint)."""
 
 
 @dataclass
@@ -55,17 +60,29 @@ class ModelConfig:
     """MoE FFN settings; None gives a dense decoder (teachers)."""
 
     def __post_init__(self) -> None:
+        k = MODEL_KEY
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seq_len"):
+            check_range(f"{k}.{name}", getattr(self, name), lo=1, fix=f"set {k}.{name} to a positive integer")
+        if self.moe is None:
+            check_range(f"{k}.d_ff", self.d_ff, lo=1, fix=f"set {k}.d_ff to a positive integer")
         if self.d_model % self.n_head:
-            raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+            raise bad_value(f"{k}.d_model", self.d_model, f"must be divisible by n_head={self.n_head}",
+                            f"set {k}.d_model to a multiple of {k}.n_head (e.g. {self.n_head * max(1, round(self.d_model / self.n_head))})")
         if self.n_head % self.n_kv_head:
-            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+            raise bad_value(f"{k}.n_kv_head", self.n_kv_head, f"must divide n_head={self.n_head} (grouped-query attention)",
+                            f"set {k}.n_kv_head to a divisor of {self.n_head}")
         if (self.d_model // self.n_head) % 2:
-            raise ConfigError(f"head dim d_model/n_head={self.d_model // self.n_head} must be even for RoPE")
-        if self.moe is not None and not 1 <= self.moe.router.top_k <= self.moe.n_experts:
-            raise ConfigError(
-                f"router top_k={self.moe.router.top_k} exceeds n_experts={self.moe.n_experts}; "
-                "lower moe.router.top_k or raise moe.n_experts"
-            )
+            raise bad_value(f"{k}.d_model", self.d_model, f"head dim d_model/n_head={self.d_model // self.n_head} must be even "
+                            "for RoPE", f"change {k}.d_model or {k}.n_head so that d_model/n_head is even")
+        if self.moe is not None:
+            m, r = f"{k}.moe", f"{k}.moe.router"
+            check_range(f"{m}.n_experts", self.moe.n_experts, lo=1, fix=f"set {m}.n_experts to a positive integer")
+            check_range(f"{m}.d_expert", self.moe.d_expert, lo=1, fix=f"set {m}.d_expert to a positive integer")
+            if self.moe.router.top_k > self.moe.n_experts:
+                raise ConfigError(
+                    f"{r}.top_k={self.moe.router.top_k} exceeds n_experts={self.moe.n_experts}; "
+                    f"lower {r}.top_k or raise {m}.n_experts"
+                )
 
     @property
     def head_dim(self) -> int:

@@ -83,6 +83,19 @@ class RouterConfig:
     triton (CPU needs TRITON_INTERPRET=1); reference (kernels/router_reference.py); eager. adaptive and
     pikv always run eager (dynamic k)."""
 
+    def __post_init__(self) -> None:
+        from pikv_train.errors import check_range
+
+        k = "model.init_args.{model|student}.moe.router"
+        check_range(f"{k}.top_k", self.top_k, lo=1, fix=f"set {k}.top_k to at least 1 (experts per token)")
+        if self.capacity_factor is not None:
+            check_range(f"{k}.capacity_factor", self.capacity_factor, lo=0, lo_open=True,
+                        fix=f"set {k}.capacity_factor > 0 (e.g. 1.25), or null for dropless routing")
+        for name in ("aux_loss_weight", "z_loss_weight", "importance_loss_weight", "eplb_aux_loss_weight",
+                     "bias_update_rate"):
+            check_range(f"{k}.{name}", getattr(self, name), lo=0, fix=f"set {k}.{name} >= 0 (0 = off)")
+        check_range(f"{k}.p_threshold", self.p_threshold, lo=0, hi=1, lo_open=True, fix=f"set {k}.p_threshold in (0, 1]")
+
 
 @dataclass
 class RouterOutput:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from pikv_train.errors import NonFiniteError
+from pikv_train.errors import NonFiniteError, bad_value, check_range, warn_once
 from pikv_train.models.decoder import Decoder, DecoderOutput
 
 
@@ -31,6 +31,20 @@ class OptimConfig:
     """Optimizer steps of linear warm-up."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
+
+    def __post_init__(self) -> None:
+        k = "model.init_args.optim."
+        if not self.lr >= 0:
+            raise bad_value(k + "lr", self.lr, "the learning rate must be >= 0", f"give a positive {k}lr, e.g. 3e-3")
+        if self.lr == 0:
+            warn_once(f"{k}lr=0: the weights will not change (AdamW steps are scaled by lr); set a positive "
+                      f"{k}lr unless a frozen run is intended")
+        check_range(k + "beta1", self.beta1, lo=0, hi=1, hi_open=True, fix=f"set {k}beta1 in [0, 1), e.g. 0.9")
+        check_range(k + "beta2", self.beta2, lo=0, hi=1, hi_open=True, fix=f"set {k}beta2 in [0, 1), e.g. 0.95")
+        check_range(k + "weight_decay", self.weight_decay, lo=0, fix=f"set {k}weight_decay >= 0 (0 = off)")
+        check_range(k + "warmup_steps", self.warmup_steps, lo=0, fix=f"set {k}warmup_steps >= 0 (0 = no warm-up)")
+        check_range(k + "min_lr_ratio", self.min_lr_ratio, lo=0, hi=1,
+                    fix=f"set {k}min_lr_ratio in [0, 1] (the final lr as a fraction of lr; above 1 the decay would rise)")
 
 
 def as_config(cls, value):

@@ -30,7 +30,7 @@ from pikv_train.errors import ConfigError
 from pikv_train.models.config import ModelConfig
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
-from pikv_train.tasks.checks import check_positions, check_vocab
+from pikv_train.tasks.checks import check_cache_budget, check_positions, check_vocab
 from pikv_train.tasks.teacher import TeacherConfig, init_student_from, load_teacher
 
 __all__ = ["DistillationTask", "DistillLossConfig"]
@@ -134,6 +134,8 @@ class DistillationTask(TaskBase):
                 f"teacher vocab_size={teacher.cfg.vocab_size} differs from student vocab_size="
                 f"{self.student.cfg.vocab_size}; both must use the same tokenizer (set student.vocab_size)"
             )
+        if self._trainer is not None and isinstance(getattr(getattr(teacher, "cfg", None), "max_seq_len", None), int):
+            check_positions(self._trainer, teacher.cfg.max_seq_len, "teacher")  # before the first batch meets it
         # Stored outside the module tree's parameters for the optimizer, but as a submodule so that
         # .to(device) moves it; state_dict() below drops it from checkpoints.
         self.teacher = teacher.to(self.device)
@@ -179,7 +181,8 @@ class DistillationTask(TaskBase):
     def preflight(self) -> None:
         """Checks that need the data module and the teacher; the CLI runs them before anything is written."""
         check_vocab(self.trainer, self.student.cfg.vocab_size, "student")
-        check_positions(self.trainer, self.student.cfg.max_seq_len, "student")
+        check_positions(self.trainer, self.student.cfg.max_seq_len, "student", "model.init_args.student.max_seq_len")
+        check_cache_budget(self.trainer, self.student.cache_policy)
         dm = getattr(self.trainer, "datamodule", None)
         hp = getattr(dm, "hparams", None)
         name = self.objective.name

@@ -12,7 +12,7 @@ from pikv_train.distill import chunked_cross_entropy
 from pikv_train.models.config import ModelConfig
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
-from pikv_train.tasks.checks import check_positions, check_vocab
+from pikv_train.tasks.checks import check_cache_budget, check_positions, check_vocab
 from pikv_train.tasks.teacher import init_student_from
 
 
@@ -65,7 +65,8 @@ class LanguageModelTask(TaskBase):
     def preflight(self) -> None:
         """Checks that need the data module; the CLI runs them before anything is written to disk."""
         check_vocab(self.trainer, self.model.cfg.vocab_size, "model")
-        check_positions(self.trainer, self.model.cfg.max_seq_len, "model")
+        check_positions(self.trainer, self.model.cfg.max_seq_len, "model", "model.init_args.model.max_seq_len")
+        check_cache_budget(self.trainer, self.model.cache_policy)
 
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
