@@ -103,6 +103,9 @@ def expand_config(path: str, seen: tuple[Path, ...] = (), base: Path | None = No
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}; fix the file") from None
     if data is None:
+        if base is None:
+            raise ConfigError(f"config file {p} is empty; a recipe needs at least model: and data: settings "
+                              "(start from one in recipes/)")
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a YAML mapping of settings, not {type(data).__name__}")
@@ -177,10 +180,16 @@ class PiKVCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--out_dir", type=str, default="runs/default", help="Folder for this run's outputs.")
+        parser.add_argument(
+            "--random_weights", type=bool, default=False,
+            help="validate/test/predict without --ckpt_path: run on freshly initialised (untrained) weights. "
+            "Without it those commands refuse to run without a checkpoint.",
+        )
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        check_run_settings(sub, cfg)
         _drop_disabled_wandb(cfg)
         trainer = cfg.get("trainer")
         if trainer is not None and trainer.get("default_root_dir") is None and cfg.get("out_dir"):
@@ -217,10 +226,12 @@ class PiKVCLI(LightningCLI):
         # damaged or foreign file gives a one-line error instead of an unpickling traceback.
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and ckpt not in ("last", "best", "hpc") and not str(ckpt).startswith("registry"):
+        if ckpt and ckpt not in _CKPT_WORDS and not str(ckpt).startswith("registry"):
             from pikv_train.tasks.teacher import read_checkpoint
 
-            read_checkpoint(ckpt)
+            check_checkpoint_fits(read_checkpoint(ckpt), ckpt, self.config[sub].get("model"))
+        # what the command asked for, before Lightning puts the checkpoint's hyper-parameters in its place
+        self._asked_model = copy.deepcopy(self.config[sub].get("model")) if sub else None
         # Lightning overwrites the model arguments with the checkpoint's hyper-parameters. Outside fit (a
         # resumed run must stay the same run) cache settings the user gave (on the command line, or in a
         # config that sets something other than the defaults) win, so any checkpoint can be validated,
@@ -238,6 +249,19 @@ class PiKVCLI(LightningCLI):
             rank_zero_info(f"{sub}: cache policy {policy} ({'as given' if keep is not None else 'from the checkpoint'})")
 
     def _instantiate_trainer(self, config, callbacks):
+        try:
+            return self._instantiate_trainer_checked(config, callbacks)
+        except UserError:
+            raise
+        except Exception as e:
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            if not isinstance(e, (MisconfigurationException, ValueError, TypeError)):
+                raise
+            raise ConfigError(f"Lightning rejected the trainer settings: {_one_line(e)[:300]}; fix the trainer.* "
+                              "setting it names (see python -m pikv_train fit --help)") from None
+
+    def _instantiate_trainer_checked(self, config, callbacks):
         # Lightning types limit_*_batches as float|int, so a YAML `limit_val_batches: 1` arrives as 1.0, which
         # Lightning reads as "100%". A whole number here always means a batch count (null means all).
         for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
@@ -275,12 +299,231 @@ class PiKVCLI(LightningCLI):
                 model.configure_model()  # e.g. load the teacher now: a bad teacher fails before any file is written
         finally:
             model.trainer = attached
+        if sub == "fit":
+            _check_val_interval(self.trainer, dm)
+        self._resolve_last(sub)
+        from pikv_train.run_lock import take_run_lock
+
+        take_run_lock(self.config[sub].out_dir)  # the last check: from here on, files are written
+
+    def _resolve_last(self, sub: str) -> None:
+        """``--ckpt_path last`` needs a checkpoint to resume; ``last_or_new`` starts fresh without one."""
+        ckpt = self.config[sub].get("ckpt_path")
+        if ckpt not in ("last", "last_or_new"):
+            return
+        found = _last_checkpoints(self.trainer)
+        if not found:
+            if ckpt == "last":
+                where = " or ".join(str(d) for d in _checkpoint_dirs(self.trainer)) or "the checkpoint folder"
+                raise ConfigError(
+                    f"--ckpt_path last: no checkpoint to resume in {where}; check out_dir, or pass "
+                    "--ckpt_path last_or_new to resume if there is one and start fresh otherwise"
+                )
+            rank_zero_info("--ckpt_path last_or_new: no checkpoint yet, starting a new run")
+            new = None
+        else:
+            from pikv_train.tasks.teacher import read_checkpoint
+
+            newest = max(found, key=os.path.getmtime)
+            check_checkpoint_fits(read_checkpoint(newest), newest, getattr(self, "_asked_model", None))
+            new = "last"
+        self.config[sub].ckpt_path = new
+        if isinstance(getattr(self, "config_init", None), dict) or hasattr(self, "config_init"):
+            self.config_init[sub]["ckpt_path"] = new
 
     def _print_config(self, sub: str) -> None:
         if os.environ.get("PIKV_QUIET_CONFIG"):
             return
         text = self._parser(sub).dump(self.config[sub], skip_none=False) if sub in self.config else ""
         rank_zero_info(f"---- resolved config ({sub}) ----\n{text}---------------------------------")
+
+_CKPT_WORDS = ("last", "best", "hpc", "last_or_new")
+
+
+def _fail(key: str, value, valid: str, fix: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid (must be {valid}); {fix}")
+
+
+def check_run_settings(sub: str | None, cfg) -> None:
+    """Trainer arguments, paths and weights, checked after parsing and before anything is created."""
+    _check_trainer(cfg.get("trainer"))
+    _check_out_dir(cfg.get("out_dir"))
+    if sub in ("validate", "test", "predict") and not cfg.get("ckpt_path") and not cfg.get("random_weights"):
+        init = cfg.get("model", {}).get("init_args") if cfg.get("model") is not None else None
+        if init is None or not init.get("student_init"):
+            raise ConfigError(
+                f"{sub} without --ckpt_path would run on random (untrained) weights; pass --ckpt_path "
+                "<out_dir>/checkpoints/last.ckpt, or --random_weights true if untrained weights are intended"
+            )
+
+
+def _check_trainer(t) -> None:
+    if t is None:
+        return
+    acc = t.get("accumulate_grad_batches")
+    if acc is not None and (not isinstance(acc, int) or acc < 1):
+        _fail("trainer.accumulate_grad_batches", acc, "a whole number >= 1",
+              "set it to 1 (no accumulation) or more")
+    vci = t.get("val_check_interval")
+    if vci is not None and vci <= 0:
+        _fail("trainer.val_check_interval", vci, "a batch count >= 1 or a fraction of an epoch in (0, 1]",
+              "e.g. 1.0 (once per epoch) or 100 (every 100 batches)")
+    if isinstance(vci, float) and vci > 1 and not vci.is_integer():
+        _fail("trainer.val_check_interval", vci, "a fraction must lie in (0, 1], a batch count must be whole",
+              "e.g. 0.5 or 100")
+    steps = t.get("max_steps")
+    if steps is not None and steps < -1:
+        _fail("trainer.max_steps", steps, "-1 (no limit) or a step count >= 0", "e.g. 1000")
+    epochs = t.get("max_epochs")
+    if epochs is not None and epochs < -1:
+        _fail("trainer.max_epochs", epochs, "-1 (no limit), null or an epoch count >= 0", "e.g. 1")
+    every = t.get("check_val_every_n_epoch")
+    if every is not None and every < 1:
+        _fail("trainer.check_val_every_n_epoch", every, "null or a whole number >= 1",
+              "e.g. 1, or null to count val_check_interval across epochs")
+    devices = t.get("devices")
+    if devices is not None and str(devices).strip() in ("0", "[]", ""):
+        _fail("trainer.devices", devices, "'auto', -1 (all), a device count >= 1 or a list of device ids",
+              "e.g. 1, or --trainer.accelerator cpu for a CPU run")
+    if isinstance(devices, int) and devices < -1:
+        _fail("trainer.devices", devices, "'auto', -1 (all), a device count >= 1 or a list of device ids", "e.g. 1")
+    nodes = t.get("num_nodes")
+    if nodes is not None and nodes < 1:
+        _fail("trainer.num_nodes", nodes, "a whole number >= 1", "e.g. 1")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        v = t.get(key)
+        if v is not None and (v < 0 or (isinstance(v, float) and v > 1 and not v.is_integer())):
+            _fail(f"trainer.{key}", v, "null (all), a batch count >= 0 or a fraction in [0, 1]", "e.g. 10 or 0.25")
+    log = t.get("log_every_n_steps")
+    if log is not None and log < 0:
+        _fail("trainer.log_every_n_steps", log, "a whole number >= 0", "e.g. 10")
+    clip = t.get("gradient_clip_val")
+    if clip is not None and clip < 0:
+        _fail("trainer.gradient_clip_val", clip, "null or a number >= 0", "e.g. 1.0")
+
+
+def _check_out_dir(out_dir) -> None:
+    """The run folder can be created (or is a folder) and written to."""
+    import tempfile
+
+    if out_dir is None or not str(out_dir).strip():
+        raise ConfigError(f"out_dir={out_dir!r} is empty: it must name the folder for this run's outputs; "
+                          "e.g. --out_dir runs/my_run")
+    path = Path(str(out_dir)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out_dir={str(out_dir)!r} is an existing file, not a folder; pick a folder path "
+                          "(e.g. --out_dir runs/my_run) or move the file")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be created: {probe} is a file, not a folder; "
+                          "pick another out_dir")
+    writable = os.access(probe, os.W_OK | os.X_OK)
+    if writable:
+        try:  # an unnamed file (O_TMPFILE where supported): nothing visible is left behind
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError:
+            writable = False
+    if not writable:
+        what = "is read-only" if probe == path else f"cannot be created: {probe} is read-only"
+        raise ConfigError(f"out_dir={str(out_dir)!r} {what}; pick a folder you can write to (--out_dir ...)")
+
+
+def _task_kind(class_path) -> str | None:
+    name = str(class_path or "").rsplit(".", 1)[-1]
+    return {"LanguageModelTask": "lm", "DistillationTask": "distill"}.get(name)
+
+
+_TASK_NAMES = {"lm": "LanguageModelTask", "distill": "DistillationTask"}
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """A nested model config (dict or jsonargparse Namespace, maybe with class_path/init_args) as dotted keys."""
+    if hasattr(node, "as_dict"):
+        node = node.as_dict()
+    if hasattr(node, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        node = asdict(node)
+    if isinstance(node, dict):
+        if "init_args" in node and "class_path" in node:
+            node = node["init_args"] or {}
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(node) if isinstance(node, tuple) else node}
+
+
+def check_checkpoint_fits(ckpt: dict, path, model) -> None:
+    """Refuse a checkpoint of another task or architecture than the configured ``model`` (its namespace)."""
+    if model is None or not ckpt.get("pikv_task"):
+        return
+    if hasattr(model, "as_dict"):
+        model = model.as_dict()
+    kind = _task_kind(model.get("class_path"))
+    theirs = ckpt.get("pikv_task")
+    if kind is not None and theirs != kind:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was written by {_TASK_NAMES.get(theirs, theirs)}, but the config runs "
+            f"{_TASK_NAMES[kind]}; pass a checkpoint of this task (or the matching recipe)"
+        )
+    stored = ckpt.get("pikv_model_config")
+    init = model.get("init_args") or {}
+    key = {"lm": "model", "distill": "student"}.get(kind)
+    if not isinstance(stored, dict) or key is None or init.get(key) is None:
+        return
+    asked, have = _flat(init[key]), _flat(stored)
+    diff = [f"{k} {have[k]!r} in the checkpoint vs {asked[k]!r} configured" for k in sorted(asked)
+            if k in have and asked[k] != have[k]]
+    if diff:
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise ConfigError(
+            f"checkpoint {str(path)!r} has another architecture than model.init_args.{key}: {'; '.join(diff[:3])}"
+            f"{more}; use the config the checkpoint was trained with, or another checkpoint"
+        )
+
+
+def _checkpoint_dirs(trainer) -> list[Path]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None]
+
+
+def _last_checkpoints(trainer) -> list[str]:
+    """The files Lightning would resume from with ``--ckpt_path last`` (``last*.ckpt`` of the checkpoint folders)."""
+    found = []
+    for d in _checkpoint_dirs(trainer):
+        found += [str(p) for p in d.glob("last*.ckpt") if p.is_file()]
+    return found
+
+
+def _check_val_interval(trainer, dm) -> None:
+    """Lightning's "val_check_interval must be less than or equal to the number of training batches", early."""
+    import math
+
+    vci = trainer.val_check_interval
+    if not isinstance(vci, int) or trainer.check_val_every_n_epoch is None:
+        return
+    train_set = getattr(dm, "train_set", None)
+    bs = getattr(getattr(dm, "hparams", None), "batch_size", None)
+    if train_set is None or not bs:
+        return
+    n = len(dm.train_dataloader()) if trainer.world_size == 1 else math.ceil(len(train_set) / trainer.world_size) // bs
+    lim = trainer.limit_train_batches
+    if isinstance(lim, int):
+        n = min(n, lim)
+    elif lim is not None and lim < 1.0:
+        n = max(1, int(n * lim)) if lim > 0 else 0
+    if vci > n:
+        raise ConfigError(
+            f"trainer.val_check_interval={vci} is larger than the {n} training batches of an epoch "
+            f"({len(train_set)} training sequences, data.batch_size={bs}); set trainer.val_check_interval <= {n}, "
+            "a fraction such as 1.0 (once per epoch), or trainer.check_val_every_n_epoch null to count across epochs"
+        )
 
 
 def _drop_disabled_wandb(cfg) -> None:
@@ -319,6 +562,8 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     argv = list(sys.argv[1:] if args is None else args)
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    from pikv_train.run_lock import release_run_lock
+
     try:
         argv = expand_args(argv)
         return PiKVCLI(
@@ -346,6 +591,8 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
         else:
             raise
         raise SystemExit(2) from None
+    finally:
+        release_run_lock()
 
 
 def _find_user_error(e: BaseException) -> UserError | None:
@@ -359,6 +606,29 @@ def _find_user_error(e: BaseException) -> UserError | None:
     return None
 
 
+def _bad_value(msg: str, top: str) -> str | None:
+    """A value the parser rejected for a known key: name the key, the value and the valid choices or type."""
+    import re
+
+    found = re.findall(r"Expected a (.+?)\. Got value: (.*)", msg)
+    if not found:
+        return None
+    expected, value = found[-1]  # the innermost reason
+    keys = re.findall(r'Parser key "([^"]+)"', msg)
+    nested = re.findall(r"NestedArg\(key='([^']+)'", msg)
+    key = keys[-1] if keys else top
+    if nested and top:  # the outermost NestedArg holds the whole path below the top-level key
+        key = f"{top}.init_args.{nested[-1]}" if "class_path" in msg else f"{top}.{nested[-1]}"
+    elif top and key != top:
+        key = f"{top}.{key}"
+    choices = re.match(r"typing\.Literal\[(.*)\]$", expected.strip())
+    if choices:
+        names = ", ".join(c.strip().strip("'\"") for c in choices.group(1).split(","))
+        return f"{key}: {value.strip()!r} is not a valid choice; choose one of: {names}"
+    kind = re.sub(r"<class '([^']+)'>", r"\1", expected).replace("typing.", "").strip()
+    return f"{key}: {value.strip()!r} is not of the expected type {kind}; give a value of type {kind}"
+
+
 def _summarise_parse_error(msg: str) -> str:
     """jsonargparse reports a nested tree of reasons; keep the most specific one, plus a hint."""
     import re
@@ -366,6 +636,11 @@ def _summarise_parse_error(msg: str) -> str:
     hint = " (check the spelling against `python -m pikv_train fit --print_config`)"
     nested = re.search(r"NestedArg\(key='([^']+)'", msg)
     group = re.search(r'Parser key "([^"]+)"', msg)
+    value_error = _bad_value(msg, group.group(1) if group else "")
+    if value_error:
+        return value_error
+    if "Unexpected config:" in msg and not msg.split("Unexpected config:", 1)[1].strip():
+        return "a config file holds no settings; give a recipe with model: and data: settings (see recipes/)"
     if nested:
         where = f" under '{group.group(1)}'" if group else ""
         return f"unknown option '{nested.group(1)}'{where}" + hint
