@@ -34,7 +34,7 @@ _TEXT = [{"text": "a line of text, long enough to pack " * 4}] * 3
 
 CASES = {
     # optimizer and schedule
-    "optim_negative_lr": _lm(M + "optim.lr", "-1e-3", expected="model.init_args.optim.lr=-0.001 is invalid"),
+    "optim_negative_lr": _lm(M + "optim.lr=-1e-3", expected="model.init_args.optim.lr=-0.001 is invalid"),
     "optim_beta1_above_one": _lm(M + "optim.beta1", "1.5", expected="model.init_args.optim.beta1=1.5 is invalid: must lie in [0, 1)"),
     "optim_beta2_one": _lm(M + "optim.beta2", "1.0", expected="model.init_args.optim.beta2=1.0 is invalid: must lie in [0, 1)"),
     "optim_negative_weight_decay": _lm(M + "optim.weight_decay", "-0.1", expected="model.init_args.optim.weight_decay=-0.1"),
