@@ -478,6 +478,11 @@ def check_checkpoint_fits(ckpt: dict, path, model) -> None:
     asked, have = _flat(init[key]), _flat(stored)
     diff = [f"{k} {have[k]!r} in the checkpoint vs {asked[k]!r} configured" for k in sorted(asked)
             if k in have and asked[k] != have[k]]
+    # a section that is null on one side and set on the other (e.g. a dense checkpoint, an MoE config)
+    diff += [f"{k} null in the checkpoint vs set configured" for k in sorted(have)
+             if have[k] is None and any(a.startswith(k + ".") for a in asked)]
+    diff += [f"{k} set in the checkpoint vs null configured" for k in sorted(asked)
+             if asked[k] is None and any(h.startswith(k + ".") for h in have)]
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise ConfigError(

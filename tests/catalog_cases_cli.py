@@ -130,6 +130,12 @@ CASES = {
     "cli_teacher_checkpoint_text_file": _text_teacher,
     "cli_resume_other_architecture": _other_arch,
     "cli_resume_other_task": _other_task,
+    "cli_resume_dense_checkpoint_as_moe": lambda tmp, recipe, ckpt, distill: (
+        _fit(recipe, "--ckpt_path", str(ckpt), "--model.init_args.model", "configs/model/nano_moe.yaml"),
+        "moe null in the checkpoint vs set configured"),
+    "cli_validate_other_architecture": lambda tmp, recipe, ckpt, distill: (
+        ["validate", "--config", str(recipe), "--ckpt_path", str(ckpt), "--model.init_args.model.n_layer", "3"],
+        "has another architecture than model.init_args.model: n_layer"),
     "cli_distill_from_lm_checkpoint": _lm_ckpt_for_distill,
     "cli_resume_last_without_checkpoint": _last_without_checkpoint,
     "cli_predict_without_weights": _without_weights("predict"),
