@@ -50,7 +50,7 @@ def check_range(key: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_
     raise bad_value(key, value, valid, fix or f"set {key} within that range")
 
 
-_WARNED: set[str] = set()
+_WARNED: dict[str, None] = {}  # insertion-ordered set of the warnings issued in this process
 
 
 def warn_once(message: str) -> None:
@@ -58,7 +58,12 @@ def warn_once(message: str) -> None:
     through Python's warnings, so the console log and W&B's captured output show it."""
     if message in _WARNED:
         return
-    _WARNED.add(message)
+    _WARNED[message] = None
     from lightning.pytorch.utilities import rank_zero_warn
 
     rank_zero_warn(message, category=UserWarning)
+
+
+def issued_warnings() -> list[str]:
+    """The warnings :func:`warn_once` has issued in this process, in order (the tasks copy them to W&B)."""
+    return list(_WARNED)

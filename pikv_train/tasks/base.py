@@ -127,6 +127,22 @@ class TaskBase(L.LightningModule):
         self.last_router_counts: Tensor | None = None
         """(L, E) loads of the last optimizer step, summed over accumulation and ranks (for callbacks)."""
 
+    def on_fit_start(self) -> None:
+        """Copy the settings warnings (``lr 0``, a budget covering the sequence, ...) into the W&B run's
+        summary: they were issued while parsing, before the run existed, so its console log misses them."""
+        from pikv_train.errors import issued_warnings
+
+        warned = issued_warnings()
+        if not warned or self.global_rank != 0:
+            return
+        for logger in self.loggers:
+            try:
+                summary = getattr(logger.experiment, "summary", None)
+                if summary is not None:
+                    summary["config/warnings"] = warned
+            except Exception:  # noqa: BLE001 - a logger without a summary never fails the run
+                pass
+
     # ----------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The cache policy active now (it may differ from the configured one after CachePolicySwitch).
