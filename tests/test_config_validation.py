@@ -125,7 +125,7 @@ def test_teacher_positions_name_the_teacher():
         check_positions(_trainer(), 16, "student", "model.init_args.student.max_seq_len")
 
 
-@pytest.mark.parametrize("row,text", [({"text": None}, "is null (missing)"), ({"text": 42}, "holds a int ('42'), not text")])
+@pytest.mark.parametrize("row,text", [({"text": None}, "is null (missing)"), ({"text": 42}, "holds '42' of type int, not text")])
 def test_text_column_must_hold_text(tmp_path, row, text):
     import json
 
@@ -147,3 +147,13 @@ def test_data_sizes(kw, key):
     with pytest.raises(ConfigError) as e:
         TextDataModule(**kw)
     assert key in str(e.value)
+
+
+def test_warnings_reach_the_wandb_summary():
+    from pikv_train.tasks.base import TaskBase
+
+    with pytest.warns(UserWarning, match="unintended setting"):
+        errors.warn_once("an unintended setting")
+    run = types.SimpleNamespace(summary={})
+    TaskBase.on_fit_start(types.SimpleNamespace(global_rank=0, loggers=[types.SimpleNamespace(experiment=run)]))
+    assert run.summary["config/warnings"] == ["an unintended setting"]

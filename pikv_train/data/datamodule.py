@@ -56,7 +56,7 @@ def _check_text_columns(rows: list[dict], columns: list[tuple[str, str | None]],
             v = r.get(col)
             if isinstance(v, str):
                 continue
-            what = "is null (missing)" if v is None else f"holds a {type(v).__name__} ({str(v)[:40]!r}), not text"
+            what = "is null (missing)" if v is None else f"holds {str(v)[:40]!r} of type {type(v).__name__}, not text"
             raise DataError(
                 f"{key}={col!r}: row {i} (0-based) of {path or 'the embedded corpus'!r} {what}; every row's {col!r} "
                 f"must be a string: fix or drop that row, or point {key} at the text column"
