@@ -75,7 +75,7 @@ def _text_file(tmp, recipe, ckpt, distill):
 
 def _text_teacher(tmp, recipe, ckpt, distill):
     path = write(tmp / "teacher.txt", "these are my notes, not a checkpoint\n")
-    return _fit(distill(str(path))), "is not a checkpoint (a text file"
+    return _fit(distill(str(path))), "model.init_args.teacher.checkpoint: cannot read checkpoint"
 
 
 def _out_dir_file(tmp, recipe, ckpt, distill):

@@ -60,7 +60,12 @@ def load_teacher(cfg: TeacherConfig):
         raise ConfigError(
             "no teacher given: set model.init_args.teacher.checkpoint (a LanguageModelTask checkpoint) or teacher.hf_path"
         )
-    ckpt = read_checkpoint(cfg.checkpoint)
+    try:
+        ckpt = read_checkpoint(cfg.checkpoint)
+    except MissingFileError:
+        raise
+    except ConfigError as e:  # say it is the teacher's checkpoint, not the run's --ckpt_path
+        raise ConfigError(f"model.init_args.teacher.checkpoint: {e}") from None
     if "pikv_model_config" not in ckpt or ckpt.get("pikv_task") != "lm":
         raise ConfigError(
             f"{cfg.checkpoint!r} is not a pikv_train LanguageModelTask checkpoint (no model config inside); "
