@@ -12,7 +12,12 @@ A LightningCLI with:
 - ``--a.init_args.b null`` on the command line sets the value to null (over a recipe's value);
 - W&B's environment variables: ``WANDB_MODE=disabled`` / ``WANDB_DISABLED=true`` remove W&B loggers
   before they are created; without a logger, outputs such as config.yaml still go to ``out_dir``;
-- one-line errors for bad input (unknown keys, wrong types, missing files) instead of tracebacks;
+- one-line errors for bad input (unknown keys, wrong types, missing files) instead of tracebacks; a bad
+  value of a nested option names the key, the value and the valid choices (Literal) or the expected type;
+- one validation pass before anything is written: trainer arguments (and Lightning's own argument errors),
+  out_dir, the checkpoint's task and architecture against the config, ``--ckpt_path last`` (an error
+  without a checkpoint; ``last_or_new`` starts fresh), weights for validate/test/predict (``--ckpt_path``
+  or ``--random_weights true``); then the run lock ``out_dir/.pikv.lock`` (see :mod:`pikv_train.run_lock`);
 - the resolved config printed at the start of every run.
 """
 
