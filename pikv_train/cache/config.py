@@ -6,9 +6,10 @@ documents the whole policy space. Fields of policies other than the selected one
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from pikv_train.cache.compression.config import CompressorConfig
 from pikv_train.errors import ConfigError, bad_value, check_range
 
 PolicyName = Literal["full", "h2o", "streaming_llm", "quest", "flexgen", "lru", "lru_plus", "ada_kv", "duo_attention"]
@@ -89,6 +90,10 @@ class CacheConfig:
     kv_group_size: int = 64
     """Quantization group along the head dimension (FlexGen: 64), zero-padded up to a multiple."""
 
+    # -- KV storage compression (SPEC §6), with any policy
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    """How each kept token is stored: {name: none | quantized | svd | lora | lora_plus | pruning, ...}."""
+
     def validate(self) -> "CacheConfig":
         """Raise a one-line ConfigError naming the fix (called by ``build_policy`` and the policies, so the
         CLI reports it as ``error: ...`` rather than as a parse error)."""
@@ -122,6 +127,15 @@ class CacheConfig:
         check_range(k + "heavy_ratio", self.heavy_ratio, lo=0, fix=f"set {k}heavy_ratio >= 0")
         check_range(k + "duo_threshold", self.duo_threshold, lo=0, hi=1, fix=f"set {k}duo_threshold in [0, 1]")
         check_range(k + "duo_l1_weight", self.duo_l1_weight, lo=0, fix=f"set {k}duo_l1_weight >= 0")
+        self.compressor = CompressorConfig.from_any(self.compressor).validate()
+        name = self.compressor.name
+        if name != "none" and self.kv_bits:
+            raise ConfigError(f"{k}kv_bits={self.kv_bits} and {k}compressor.name={name} both compress the stored "
+                              f"keys/values; keep one (set {k}kv_bits 0 or {k}compressor.name none)")
+        if name in ("quantized", "pyramid") and self.policy == "flexgen":
+            raise ConfigError(f"{k}policy=flexgen with {k}compressor.name={name} is not supported (FlexGen's cache is "
+                              f"batched, KIVI/MiKV storage is per sequence); use FlexGen's own {k}kv_bits 4, or "
+                              "another policy with this compressor")
         return self
 
     @classmethod
@@ -133,11 +147,13 @@ class CacheConfig:
         d = dict(d)
         if "lru_plus_weights" in d:
             d["lru_plus_weights"] = tuple(d["lru_plus_weights"])
+        if "compressor" in d:
+            d["compressor"] = CompressorConfig.from_any(d["compressor"])
         return cls(**d)
 
 
 def build_policy(cfg: CacheConfig | dict | None, model_cfg=None):
-    """The policy hook for ``cfg`` (None for ``full``).
+    """The policy hook for ``cfg`` (None for ``full`` without a compressor; the policy holds the compressor).
 
     Args:
         model_cfg: the decoder's ModelConfig; required by ``duo_attention`` (its gates are one parameter
@@ -147,11 +163,12 @@ def build_policy(cfg: CacheConfig | dict | None, model_cfg=None):
         cfg = CacheConfig.from_dict(cfg)
     if cfg is None:
         return None
-    if cfg.validate().policy == "full":
+    if cfg.validate().policy == "full" and cfg.compressor.name == "none":
         return None
     from pikv_train.cache import policies as P
 
     cls = {
+        "full": P.FullScheduler,
         "h2o": P.H2OScheduler,
         "streaming_llm": P.StreamingLLMScheduler,
         "quest": P.QuestScheduler,

@@ -72,8 +72,12 @@ class KVCache:
         None uses SDPA with the mask (FlexGen's sparse attention overrides it)."""
         return None
 
-    def update(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
+               codes: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Append new keys/values and return what the new queries may read.
+
+        ``codes`` (a compressor's stored form) is ignored here: this plain cache stores the keys/values as read
+        (``Decoder.new_cache`` builds a compressing cache when the model has a compressor).
 
         Args:
             q: (B, H, Tq, hd) new queries (used by selection policies; ignored here).

@@ -27,10 +27,19 @@ class CausalSelfAttention(nn.Module):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Return rotated q (B, H, T, hd), k (B, H_kv, T, hd) and v (B, H_kv, T, hd)."""
+        k, v = self.project_kv(x, cos, sin)
+        return self.project_q(x, cos, sin), k, v
+
+    def project_q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotated queries (B, H, T, hd)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        return apply_rotary(self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
+
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotated keys and values (B, H_kv, T, hd) from the layer's own projection."""
+        b, t, _ = x.shape
         k, v = self.kv_proj(x).view(b, t, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return apply_rotary(k, cos, sin), v
 
     def forward(
         self,
@@ -44,6 +53,7 @@ class CausalSelfAttention(nn.Module):
         positions: Tensor | None = None,
         hooks: list | None = None,
         ctx=None,
+        compressor=None,
     ) -> Tensor:
         """x (B, T, d) -> (B, T, d).
 
@@ -55,12 +65,24 @@ class CausalSelfAttention(nn.Module):
             hooks: attention hooks (KV sharding, cache policy) consulted in the training forward; their
                 masks are ANDed, and a hook's ``attend`` may replace the attention computation.
             ctx: the hooks' :class:`~pikv_train.models.hooks.AttentionContext` for this layer.
+            compressor: the KV storage compressor (SPEC §6): keys/values as every read sees them, their stored
+                codes for the cache, and for a versioned one (KIVI) which stored form each (row, key) reads.
         """
         b, t, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
+        q = self.project_q(x, cos, sin)
+        versions = None
+        if compressor is None:
+            k, v = self.project_kv(x, cos, sin)
+            codes = None
+        else:
+            k, v, codes = compressor.kv(layer_idx, self, x, cos, sin)
+            if cache is None and compressor.versioned:
+                versions = compressor.versions(layer_idx, k, v)
+        if ctx is not None:
+            ctx.versions = versions
         y = None
         if cache is not None:
-            k, v, mask = cache.update(layer_idx, q, k, v, positions)
+            k, v, mask = cache.update(layer_idx, q, k, v, positions, **({} if codes is None else {"codes": codes}))
             attend_fn = getattr(cache, "attend", None)  # duck-typed caches without it use SDPA
             y = attend_fn(q, k, v, mask) if attend_fn is not None else None
         elif hooks:
@@ -75,16 +97,23 @@ class CausalSelfAttention(nn.Module):
                 if y is not None:
                     break
         if y is None:
-            y = attend(q, k, v, mask, self.n_head // self.n_kv_head)
+            y = attend(q, k, v, mask, self.n_head // self.n_kv_head, versions)
         if ctx is not None and getattr(ctx, "want_attention_probs", False) and cache is None:
             if mask is None and ctx.scratch.get("policy_dense_mask") is not None:
                 mask = ctx.scratch["policy_dense_mask"]()  # FlexAttention path: the same visibility, densely
-            ctx.attention_probs = attention_probs(q, k, mask, self.n_head // self.n_kv_head)
+            ctx.attention_probs = attention_probs(q, k if versions is None else None, mask, self.n_head // self.n_kv_head,
+                                                  versions)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int) -> Tensor:
-    """SDPA over GQA heads. q (B, H, Tq, hd); k, v (B, H_kv, S, hd); mask (B|1, 1|H_kv, Tq, S) bool or None."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int, versions=None) -> Tensor:
+    """SDPA over GQA heads. q (B, H, Tq, hd); k, v (B, H_kv, S, hd); mask (B|1, 1|H_kv, Tq, S) bool or None.
+
+    ``versions`` (a versioned compressor's :class:`~pikv_train.cache.compression.Versions`): row t reads key j
+    in the stored form the compressor gives that pair, so one SDPA runs over the concatenated forms.
+    """
+    if versions is not None:
+        k, v, mask = versions.expand(mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=group > 1)
     if mask.shape[1] > 1 and group > 1:
@@ -94,14 +123,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int) -> 
 
 
 @torch.no_grad()
-def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None, group: int) -> Tensor:
-    """Dense no-grad attention probabilities (B, H, T, T) under ``mask`` (causal when None).
+def attention_probs(q: Tensor, k: Tensor | None, mask: Tensor | None, group: int, versions=None) -> Tensor:
+    """Dense no-grad attention probabilities (B, H, T, T) under ``mask`` (causal when None), over the keys as
+    each row reads them (``versions``: a versioned compressor's stored forms; then ``k`` is None).
 
     Used for detached training targets (PiKVRouter's importance head); never in the forward output.
     """
     t = q.shape[2]
-    kk = k.repeat_interleave(group, dim=1) if group > 1 else k
-    scores = (q.float() @ kk.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if versions is not None:  # the keys as each row reads them (stored form below the row's cut)
+        rep = lambda x: (x.repeat_interleave(group, dim=1) if group > 1 else x).float()  # noqa: E731
+        scores = versions.logits(q.float(), rep(versions.keys[-1]), torch.arange(t, device=q.device), rep)
+        scores = scores * q.shape[-1] ** -0.5
+    else:
+        kk = k.repeat_interleave(group, dim=1) if group > 1 else k
+        scores = (q.float() @ kk.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is None:
         mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
     elif mask.shape[1] > 1 and group > 1:

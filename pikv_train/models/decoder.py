@@ -111,6 +111,8 @@ class Decoder(nn.Module):
         if policy is not None and hasattr(policy, "bind"):
             policy.bind(self.cfg)
         self.cache_policy = policy
+        if policy is not None and hasattr(policy, "attach"):
+            policy.attach(self)  # e.g. a low-rank compressor initialises from our K/V projections
 
     def set_kv_sharding(self, sharding: AttentionHook | None) -> None:
         """Place keys in expert shards and read them through routing (None = unsharded)."""
@@ -167,6 +169,14 @@ class Decoder(nn.Module):
             masks: optional per-layer (B|1, 1|H_kv, T, T) bool visibility masks for the training forward.
         """
         b, t = input_ids.shape
+        if cache is not None and t > 1 and getattr(cache, "row_by_row", False):
+            # A versioned compressor (KIVI) stores a token differently depending on the reading query's position:
+            # the cache takes one token per step, so a prompt is fed as decode steps (exactly the training rule).
+            if positions is None:
+                positions = torch.arange(t, device=input_ids.device).expand(b, t)
+            outs = [self(input_ids[:, i: i + 1], positions=positions[:, i: i + 1], cache=cache) for i in range(t)]
+            return DecoderOutput(hidden=torch.cat([o.hidden for o in outs], 1), routing=outs[-1].routing,
+                                 stats=outs[-1].stats)
         if positions is None:
             if t > self.cfg.max_seq_len:
                 raise ConfigError(
@@ -178,10 +188,11 @@ class Decoder(nn.Module):
         x = self.embed(input_ids)
         routing, by_layer, stats = [], {}, {}
         hooks = [h for h in (self.kv_sharding, self.cache_policy) if h is not None] if cache is None else []
+        compressor = getattr(self.cache_policy, "compressor", None)
         for i, block in enumerate(self.blocks):
             ctx = AttentionContext(layer_idx=i, positions=positions, routing_by_layer=by_layer, stats=stats)
             kw = dict(cache=cache, layer_idx=i, positions=positions, mask=None if masks is None else masks[i],
-                      hooks=hooks, ctx=ctx)
+                      hooks=hooks, ctx=ctx, compressor=compressor)
             if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 x, r = checkpoint(block, x, cos, sin, use_reentrant=False, **kw)
             else:

@@ -35,6 +35,10 @@ class AttentionContext:
     """AND of the masks of the hooks consulted before this one (e.g. expert sharding before the cache
     policy), (B|1, 1|H_kv, T, T) bool or None: a policy that decides from the attention a query really
     pays (H2O, LRU, LRU+) computes it under this mask, as its inference cache does."""
+    versions: object = None
+    """A versioned KV compressor's stored forms for this layer (:class:`~pikv_train.cache.compression.Versions`):
+    row t reads key j in the form it gives; policies that score from attention use
+    :func:`~pikv_train.cache.compression.base.scoring_logits` with it. None: ``k`` is what every row reads."""
     scratch: dict = field(default_factory=dict)
     """Per-layer values a hook computes in ``training_mask`` and reuses in ``attend`` (e.g. its mask_mod)."""
 

@@ -15,10 +15,11 @@ def _safe_globals() -> list:
     from pikv_train.routing.base import RouterConfig
     from pikv_train.tasks.base import OptimConfig
 
+    from pikv_train.cache.compression.config import CompressorConfig
     from pikv_train.cache.config import CacheConfig
     from pikv_train.cache.sharding import ShardingConfig
 
-    extra = [ModelConfig, MoEConfig, RouterConfig, OptimConfig, CacheConfig, ShardingConfig]
+    extra = [ModelConfig, MoEConfig, RouterConfig, OptimConfig, CacheConfig, CompressorConfig, ShardingConfig]
     try:
         from pikv_train.tasks.distill import DistillLossConfig
         from pikv_train.tasks.teacher import TeacherConfig

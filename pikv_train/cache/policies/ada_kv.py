@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pikv_train.cache.compression.base import scoring_logits
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
 
 
@@ -107,7 +108,9 @@ class AdaKVScheduler(CachePolicy):
         return w, hh, self.capped_chunk(w), max(0, int(self.cfg.ada_alpha * budget) - w)
 
     @torch.no_grad()
-    def keep_per_chunk(self, q, k, budget):
+    def keep_per_chunk(self, q, k, budget, versions=None):
+        """keep_c (B, H_kv, nC, T): the selection of each chunk. Scores at boundary s0 use the keys as the cache
+        holds them when row s0 arrives (``versions``: a versioned compressor's stored forms at s0)."""
         b, hkv, t, hd = k.shape
         w, hh, c, floor = self.sizes(budget)
         starts = self.chunk_starts(t, c)
@@ -122,7 +125,9 @@ class AdaKVScheduler(CachePolicy):
             stored = keep | ((j >= s0 - w) & (j < s0))
             cand = keep | ((j >= s0 - w) & (j < self.chunk_end(s0, c) - w))  # previous selection + keys leaving the window
             wr = j[max(0, s0 - w): s0]
-            logits = qg[:, :, :, wr] @ kd[:, :, None].transpose(-1, -2) / math.sqrt(hd)  # (B, H_kv, g, nw, T)
+            at_s0 = torch.full_like(wr, s0)  # every window row scores the keys as stored at the boundary
+            logits = scoring_logits(versions, qg[:, :, :, wr], kd[:, :, None], at_s0,
+                                    lambda x: x.double()[:, :, None]) / math.sqrt(hd)  # (B, H_kv, g, nw, T)
             vis = stored[:, :, None, None, :] & (j[None] <= wr[:, None])
             p = logits.masked_fill(~vis, float("-inf")).softmax(-1).mean(2).sum(2)  # (B, H_kv, T)
             sc = _pool(p, self.cfg.snap_kernel).masked_fill(~cand, float("-inf"))
@@ -132,11 +137,11 @@ class AdaKVScheduler(CachePolicy):
 
     def mask(self, q, k, ctx, budget):
         t = q.shape[2]
-        keep_c, (w, c) = self.keep_per_chunk(q, k, budget)
+        keep_c, (w, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None))
         i = torch.arange(t, device=q.device)
         return causal_mask(t, q.device) & ((i[:, None] - i[None] < w) | keep_c[:, :, self.row_chunks(t, c, q.device)])
 
     def mask_mod(self, q, k, ctx, budget):
-        keep_c, (w, c) = self.keep_per_chunk(q, k, budget)
+        keep_c, (w, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None))
         rc = self.row_chunks(q.shape[2], c, q.device)
         return lambda b, h, qi, ki: (qi - ki < w) | keep_c[b, h, rc[qi], ki]

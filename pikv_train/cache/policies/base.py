@@ -78,11 +78,20 @@ class CachePolicy(AttentionHook):
         self.reference_len: int | None = cfg.reference_len or getattr(model_cfg, "max_seq_len", None)
         self.use_flex: bool | None = None  # None: FlexAttention on CUDA, SDPA + bool mask elsewhere
         self._warned_inert = False
+        from pikv_train.cache.compression import build_compressor
+
+        # How kept tokens are stored (SPEC §6): a submodule, so trainable factors train and checkpoint with us.
+        self.compressor = build_compressor(self.cfg.compressor, model_cfg)
 
     def bind(self, model_cfg) -> None:
         """Take the model's ``max_seq_len`` as the reference length when none is set yet."""
         if self.reference_len is None:
             self.reference_len = model_cfg.max_seq_len
+
+    def attach(self, model) -> None:
+        """Called by ``Decoder.set_cache_policy``: the compressor may initialise from the model's weights."""
+        if self.compressor is not None:
+            self.compressor.attach(model)
 
     # ------------------------------------------------------------------ budget
     def budget_tokens(self, seq_len: int | None = None) -> int:
@@ -152,7 +161,7 @@ class CachePolicy(AttentionHook):
             self._warn_inert(budget)
             self.log_stats(ctx, None, budget, k)
             return None
-        if self._flex(q) and getattr(ctx, "prior_mask", None) is None:
+        if self._flex(q) and getattr(ctx, "prior_mask", None) is None and getattr(ctx, "versions", None) is None:
             # The mask is built as a FlexAttention block mask in ``attend``; statistics from the same mask_mod.
             mm = self.mask_mod(q, k, ctx, budget)
             ctx.scratch["policy_mask_mod"] = mm
@@ -209,8 +218,11 @@ class CachePolicy(AttentionHook):
         stored = last.sum(1).mean() * self.bytes_per_token_head(k)
         ctx.stats["cache/bytes_stored"] = stored if n == 0 else ctx.stats.get("cache/bytes_stored", 0) + stored
 
-    def bytes_per_token_head(self, k: Tensor) -> int:
-        """Cache bytes of one token's key + value in one kv-head (FlexGen overrides for compression)."""
+    def bytes_per_token_head(self, k: Tensor) -> float:
+        """Cache bytes of one token's key + value in one kv-head, as its compressor stores them (FlexGen
+        overrides for its own kv_bits)."""
+        if self.compressor is not None:
+            return self.compressor.bytes_per_token_head(k.element_size(), self.reference_len or k.shape[2])
         return 2 * k.shape[-1] * k.element_size()
 
     # ------------------------------------------------------------------ inference
@@ -224,6 +236,7 @@ class CachePolicy(AttentionHook):
         """
         cache = self.cache_cls(self, n_layer, self.budget_tokens(seq_len))
         cache.ref_len = seq_len or self.reference_len
+        cache.set_compressor(self.compressor)
         if sharding is not None:
             cache.set_sharding(sharding)
         return cache
@@ -256,10 +269,11 @@ def counts_from_mask_mod(mask_mod, b: int, hkv: int, t: int, device, block: int 
     return torch.cat(out, -1)
 
 
-def _sdpa(q, k, v, mask):
+def _sdpa(q, k, v, mask, ctx=None):
+    """SDPA over GQA heads, reading a versioned compressor's stored forms when ``ctx`` carries them."""
     from pikv_train.models.attention import attend
 
-    return attend(q, k, v, mask, q.shape[1] // k.shape[1])
+    return attend(q, k, v, mask, q.shape[1] // k.shape[1], getattr(ctx, "versions", None))
 
 
 class PolicyCache(KVCache):
@@ -278,10 +292,11 @@ class PolicyCache(KVCache):
     pass does under ``ctx.prior_mask``.
     """
 
-    _shared_attrs = ("policy", "sharding")
+    _shared_attrs = ("policy", "sharding", "compressor")
 
     def __init__(self, policy: CachePolicy, n_layer: int, budget: int):
         super().__init__(n_layer)
+        self.compressor, self.row_by_row = None, False
         self.policy, self.budget = policy, budget
         self.ref_len: int | None = policy.reference_len
         self.store: list[list[list[dict]] | None] = [None] * n_layer
@@ -311,9 +326,24 @@ class PolicyCache(KVCache):
         """(B, H_kv) number of stored keys per sequence and kv-head."""
         return torch.tensor([[len(s["pos"]) for s in row] for row in self.store[layer_idx]])
 
+    def set_compressor(self, compressor) -> None:
+        """Store kept tokens through ``compressor`` (a :class:`~pikv_train.cache.compression.KVCompressor`).
+        A versioned one (KIVI) makes the decoder feed this cache one token per step (``row_by_row``)."""
+        self.compressor = compressor
+        self.row_by_row = bool(getattr(compressor, "versioned", False))
+
     def new_state(self, layer_idx: int, h: int, k: Tensor) -> dict:
-        hd = k.shape[-1]
-        return {"k": k.new_zeros(0, hd), "v": k.new_zeros(0, hd), "pos": torch.zeros(0, dtype=torch.long, device=k.device)}
+        from pikv_train.cache.compression.base import RawStore
+
+        store = RawStore(k.shape[-1], k) if self.compressor is None else self.compressor.new_store(layer_idx, h, k)
+        return {"kv": store, "pos": torch.zeros(0, dtype=torch.long, device=k.device)}
+
+    def _read(self, s: dict, t: int | None, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Stored keys/values (S, hd) of one (sequence, kv-head) as a query at position t reads them."""
+        got = s["kv"].read(t, s["pos"])
+        if got is None:
+            return like.new_zeros(0, like.shape[-1]), like.new_zeros(0, like.shape[-1])
+        return got
 
     # -------------------------------------------------------------- sharding
     def set_sharding(self, sharding) -> None:
@@ -367,19 +397,28 @@ class PolicyCache(KVCache):
         return shard_visibility(p_new, p_all, mem_all, reads, sh.cfg.n_sink, sh.cfg.window, fresh)
 
     # ---------------------------------------------------------------- update
-    def update(self, layer_idx, q, k, v, q_pos):
+    def update(self, layer_idx, q, k, v, q_pos, codes: dict | None = None):
+        """As :meth:`KVCache.update`; ``codes`` (dict of (B, H_kv, Tq, ...)): the compressor's stored form of
+        the new tokens (``k``/``v`` are what reads see)."""
         b, hkv, tq, hd = k.shape
+        if getattr(self, "row_by_row", False) and int((q_pos >= 0).sum(1).max()) > 1:
+            raise RuntimeError("this cache takes one token per step (a versioned compressor); Decoder.forward "
+                               "feeds it row by row")
         g = q.shape[1] // hkv
         if self.store[layer_idx] is None:
             self.store[layer_idx] = [[self.new_state(layer_idx, h, k) for h in range(hkv)] for _ in range(b)]
         member = self._shard_member(layer_idx, b, tq)
+        if codes is None:
+            codes = {"k": k, "v": v}
         keys, vals, masks = [], [], []
         for bi in range(b):
             real = q_pos[bi] >= 0
             sts = self.store[layer_idx][bi]
             n_old = [len(s["pos"]) for s in sts]
-            k_all = [torch.cat([s["k"], k[bi, h][real]]) for h, s in enumerate(sts)]
-            v_all = [torch.cat([s["v"], v[bi, h][real]]) for h, s in enumerate(sts)]
+            t_read = int(q_pos[bi][real][0]) if bool(real.any()) else None
+            old = [self._read(s, t_read, k) for s in sts]
+            k_all = [torch.cat([old[h][0], k[bi, h][real]]) for h in range(hkv)]
+            v_all = [torch.cat([old[h][1], v[bi, h][real]]) for h in range(hkv)]
             p_all = [torch.cat([s["pos"], q_pos[bi][real]]) for s in sts]
             qb = q[bi].view(hkv, g, tq, hd)[:, :, real]  # (H_kv, g, Tr, hd)
             self.allow = None
@@ -389,7 +428,8 @@ class PolicyCache(KVCache):
             rows, keeps = self._step_b(layer_idx, sts, qb, k_all, p_all, n_old)
             for h, s in enumerate(sts):
                 r_h = rows[h] if self.allow is None else rows[h] & self.allow[h]
-                s["k"], s["v"], s["pos"] = k_all[h][keeps[h]], v_all[h][keeps[h]], p_all[h][keeps[h]]
+                s["kv"].commit({n: c[bi, h][real] for n, c in codes.items()}, p_all[h], keeps[h])
+                s["pos"] = p_all[h][keeps[h]]
                 if member is not None:
                     s["mem"] = s.pop("mem_all")[keeps[h]]
                     if "midx_all" in s:
@@ -443,5 +483,5 @@ def tensor_bytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
     if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
-        return sum(tensor_bytes(v) for k, v in vars(obj).items() if k != "policy")
+        return sum(tensor_bytes(v) for k, v in vars(obj).items() if k not in ("policy", "compressor", "sharding"))
     return 0

@@ -116,7 +116,7 @@ class DuoAttentionScheduler(CachePolicy):
         budget = self.budget_tokens()
         g = self.gate_values()[ctx.layer_idx].to(q.dtype)  # (H_kv,)
         group = q.shape[1] // k.shape[1]
-        if self._flex(q) and mask is None:
+        if self._flex(q) and mask is None and ctx.versions is None:
             from pikv_train.cache.policies.flex import flex_attend
 
             s, w = sink_window(budget, self.cfg.n_sink)
@@ -125,8 +125,8 @@ class DuoAttentionScheduler(CachePolicy):
         else:
             causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
             base = causal if mask is None else mask & causal
-            full = _sdpa(q, k, v, base if mask is not None else None)
-            stream = _sdpa(q, k, v, base & streaming_mask(t, budget, self.cfg.n_sink, q.device))
+            full = _sdpa(q, k, v, base if mask is not None else None, ctx)
+            stream = _sdpa(q, k, v, base & streaming_mask(t, budget, self.cfg.n_sink, q.device), ctx)
         gq = g.repeat_interleave(group)[None, :, None, None]  # (1, H, 1, 1)
         return gq * full + (1 - gq) * stream
 

@@ -77,11 +77,16 @@ class FlexGenCache(KVCache):
         self.device_part: list[dict | None] = [None] * n_layer
         self.host_part: list[dict | None] = [None] * n_layer
         self._own: Tensor | None = None
+        self.compressor = None  # a per-token KV compressor: the parts hold its codes (``code.<name>``)
         self.sharding = None
         self._routing: dict = {}
         self.shard_state: list[dict] = [{} for _ in range(n_layer)]  # membership (B, S, n_shards), by_score sums
 
-    _shared_attrs = ("policy", "sharding")
+    _shared_attrs = ("policy", "sharding", "compressor")
+
+    def set_compressor(self, compressor) -> None:
+        """Store each token as ``compressor`` does (per-token compressors; the config refuses versioned ones)."""
+        self.compressor = compressor
 
     def set_sharding(self, sharding) -> None:
         """Read through expert-sharded placement (each key stored once, with its shard membership)."""
@@ -136,7 +141,9 @@ class FlexGenCache(KVCache):
         return self.bytes_on_device() + self.bytes_on_host() + pos + tensor_bytes(self.shard_state) + tensor_bytes(self.extra)
 
     # -- storage helpers: every tensor has its token axis at dim 2 (positions: dim 1)
-    def _pack(self, k: Tensor, v: Tensor, pos: Tensor) -> dict:
+    def _pack(self, k: Tensor, v: Tensor, pos: Tensor, codes: dict | None = None) -> dict:
+        if self.compressor is not None:
+            return {**{"code." + n: c for n, c in codes.items()}, "pos": pos}
         if self.bits:
             return {"k": group_quantize(k, self.bits, self.group), "v": group_quantize(v, self.bits, self.group), "pos": pos}
         return {"k": k, "v": v, "pos": pos}
@@ -161,12 +168,18 @@ class FlexGenCache(KVCache):
     def _read(self, x) -> Tensor:
         return group_dequantize(x) if isinstance(x, GroupQuantized) else x
 
-    def update(self, layer_idx, q, k, v, q_pos):
-        dev = self._cat(self.device_part[layer_idx], self._pack(k, v, q_pos))
+    def _read_kv(self, layer_idx: int, full: dict) -> tuple[Tensor, Tensor]:
+        if self.compressor is None:
+            return self._read(full["k"]), self._read(full["v"])
+        codes = {n[5:]: c for n, c in full.items() if n.startswith("code.")}
+        return self.compressor.decode_batched(layer_idx, codes, full["pos"])
+
+    def update(self, layer_idx, q, k, v, q_pos, codes: dict | None = None):
+        dev = self._cat(self.device_part[layer_idx], self._pack(k, v, q_pos, codes))
         host = self.host_part[layer_idx]
         # Read the host part back (overlaps compute on CUDA: non_blocking from pinned memory).
         full = dev if host is None else self._cat(self._map(lambda ts, d: ts[0].to(k.device, non_blocking=True), host), dev)
-        keys, values, kp = self._read(full["k"]), self._read(full["v"]), full["pos"]
+        (keys, values), kp = self._read_kv(layer_idx, full), full["pos"]
         tq = q_pos.shape[1]
         eye = torch.eye(tq, dtype=torch.bool, device=k.device).expand(q_pos.shape[0], 1, tq, tq)
         if self.bits:  # earlier tokens dequantized, the query's own key/value exact: keys [Q(all) ; new]
@@ -226,8 +239,10 @@ class FlexGenScheduler(CachePolicy):
     def mask_mod(self, q, k, ctx, budget):
         return None
 
-    def bytes_per_token_head(self, k: Tensor) -> int:
+    def bytes_per_token_head(self, k: Tensor) -> float:
         hd, es = k.shape[-1], k.element_size()
+        if self.compressor is not None:
+            return super().bytes_per_token_head(k)
         if self.cfg.kv_bits:
             return 2 * bytes_per_vector(hd, self.cfg.kv_bits, self.cfg.kv_group_size, es)
         return 2 * hd * es

@@ -93,15 +93,26 @@ class QuestScheduler(CachePolicy):
                 stacklevel=3,
             )
 
-    def page_selection(self, q, k, budget):
-        """(B, H_kv, T, nP) bool pages read by each query (earlier top pages + own page)."""
+    def page_selection(self, q, k, budget, versions=None):
+        """(B, H_kv, T, nP) bool pages read by each query (earlier top pages + own page). Page min/max come
+        from the keys as each row reads them (``versions``: a versioned compressor's stored forms)."""
         b, hkv, t, hd = k.shape
         page = self.cfg.page_size
         n_sel = _pages_k(budget, page) - 1
         n_p = -(-t // page)
-        kp = F.pad(k.float(), (0, 0, 0, n_p * page - t)).view(b, hkv, n_p, page, hd)
         qg = q.float().view(b, hkv, q.shape[1] // hkv, t, hd)
-        u = page_bounds(qg, kp.amin(3), kp.amax(3))  # (B, H_kv, T, nP)
+
+        def bounds(keys):
+            kp = F.pad(keys.float(), (0, 0, 0, n_p * page - t)).view(b, hkv, n_p, page, hd)
+            return page_bounds(qg, kp.amin(3), kp.amax(3))  # (B, H_kv, T, nP)
+
+        if versions is None:
+            u = bounds(k)
+        else:  # one bound per distinct cut (keys below it in stored form), each row taking its own
+            u = torch.zeros(b, hkv, t, n_p, device=q.device)
+            for c in torch.unique(versions.key_cut).tolist():
+                rows = versions.key_cut == c
+                u[:, :, rows] = bounds(versions.keys_at(int(rows.nonzero()[0]), k))[:, :, rows]
         cur = torch.arange(t, device=q.device) // page
         pages = torch.arange(n_p, device=q.device)
         u = u.masked_fill(~(pages[None] < cur[:, None]), float("-inf"))
@@ -113,7 +124,7 @@ class QuestScheduler(CachePolicy):
         if ctx.layer_idx < self.cfg.quest_dense_layers:
             return None
         t = q.shape[2]
-        sel = self.page_selection(q, k, budget)
+        sel = self.page_selection(q, k, budget, getattr(ctx, "versions", None))
         j_page = torch.arange(t, device=q.device) // self.cfg.page_size
         return sel[..., j_page] & causal_mask(t, q.device)
 
@@ -121,6 +132,6 @@ class QuestScheduler(CachePolicy):
         if ctx.layer_idx < self.cfg.quest_dense_layers:
             return None
         with torch.no_grad():
-            sel = self.page_selection(q, k, budget)  # (B, H_kv, T, nP): T * T / page bits per head
+            sel = self.page_selection(q, k, budget, getattr(ctx, "versions", None))  # (B, H_kv, T, nP): T * T / page bits per head
         page = self.cfg.page_size
         return lambda b, h, qi, ki: sel[b, h, qi, ki // page]

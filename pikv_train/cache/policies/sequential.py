@@ -29,6 +29,7 @@ import math
 import torch
 from torch import Tensor
 
+from pikv_train.cache.compression.base import scoring_logits
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
 
 NEG = float("-inf")
@@ -134,12 +135,14 @@ class ChunkSequentialPolicy(CachePolicy):
         return used_by_rows(a, self.cfg.lru_threshold, self.cfg.lru_top_m)
 
     @torch.no_grad()
-    def keep_per_chunk(self, q: Tensor, k: Tensor, budget: int, prior: Tensor | None = None) -> tuple[Tensor, tuple]:
+    def keep_per_chunk(self, q: Tensor, k: Tensor, budget: int, prior: Tensor | None = None,
+                       versions=None) -> tuple[Tensor, tuple]:
         """The chunk-sequential pass (module docstring): keep_c (B, H_kv, nC, T) bool, and the sizes.
 
         Args:
             q: (B, H, T, hd) rotated queries; k: (B, H_kv, T, hd) rotated keys.
             prior: (B|1, 1|H_kv, T, T) bool what other hooks let each row read (expert sharding), or None.
+            versions: a versioned compressor's stored forms (rows score over the keys as they read them).
         """
         b, h, t, hd = q.shape
         hkv = k.shape[1]
@@ -166,7 +169,8 @@ class ChunkSequentialPolicy(CachePolicy):
             vis = causal & ((j[None] < s) | (rows - j[None] < r) | keep[:, :, None, :])  # (B, H_kv, C, T)
             if prior is not None:
                 vis = vis & prior[..., s0:e, :]
-            p = (qd[:, :, :, s0:e] @ kd.transpose(-1, -2)).masked_fill(~vis[:, :, None], NEG).softmax(-1).mean(2)
+            logits = scoring_logits(versions, qd[:, :, :, s0:e], kd, rows[:, 0], lambda x: x.double()[:, :, None])
+            p = logits.masked_fill(~vis[:, :, None], NEG).softmax(-1).mean(2)
             imp += p.sum(2)
             if self.uses_use_signal:
                 used = self.used(p) & vis  # (B, H_kv, C, T)
@@ -181,10 +185,11 @@ class ChunkSequentialPolicy(CachePolicy):
         return causal_mask(t, device) & ((i[None] < s) | (i[:, None] - i[None] < r) | kept)
 
     def mask(self, q, k, ctx, budget):
-        keep_c, sizes = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None))
+        keep_c, sizes = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None), getattr(ctx, "versions", None))
         return self._mask(keep_c, sizes, q.shape[2], q.device)
 
     def mask_mod(self, q, k, ctx, budget):
-        keep_c, (s, r, _, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None))
+        keep_c, (s, r, _, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None),
+                                                   getattr(ctx, "versions", None))
         rc = self.row_chunks(q.shape[2], c, q.device)
         return lambda b, h, qi, ki: (ki < s) | (qi - ki < r) | keep_c[b, h, rc[qi], ki]  # T/C x T bits per head

@@ -1,0 +1,182 @@
+"""The storage-compressor interface (SPEC §6): one object gives the training-time K/V and the cache's storage.
+
+A compressor acts in two places, built from the same code so that decoding equals training (SPEC §7):
+
+* **training forward**: :meth:`KVCompressor.kv` returns the keys/values every read sees (rounded ones with a
+  straight-through gradient; low-rank ones computed through the latent). The cache policy and expert sharding
+  score and mask with these keys, exactly as their caches do with what they hold.
+* **inference cache**: the same call also returns the *codes* of the new tokens (what is stored: packed codes,
+  latents, kept channels); a per-(sequence, kv-head) :class:`Store` keeps them, decodes them when read
+  (:meth:`KVCompressor.decode`) and counts its bytes.
+
+Compressors whose stored form depends on the reading query's position (KIVI's full-precision residual,
+MiKV's tiers) are *versioned*: the training forward gets :class:`Versions` (which stored form row t reads
+for key j), and their caches take one token per step (``row_by_row``: a prompt is fed as decode steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pikv_train.cache.compression.config import CompressorConfig
+
+
+def tensors_nbytes(obj) -> int:
+    from pikv_train.cache.policies.base import tensor_bytes
+
+    return tensor_bytes(obj)
+
+
+@dataclass
+class Versions:
+    """Training view of a versioned compressor: row t reads key/value j from exactly one block.
+
+    keys/values: per block (B, H_kv, T, hd); select: per block (T, T) bool, a partition of the causal (t, j)
+    pairs. key_q: (B, H_kv, T, hd) the stored (rounded) keys and key_cut (T,): row t reads keys j < key_cut[t]
+    in their stored form and the others at full precision (what a policy scores with).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    select: list[Tensor]
+    key_q: Tensor
+    key_cut: Tensor
+
+    def expand_mask(self, mask: Tensor | None, t: int) -> Tensor:
+        """(B|1, 1|H_kv, T, T) visibility (None: causal) -> (B|1, 1|H_kv, T, n_blocks * T) over the blocks."""
+        if mask is None:
+            mask = torch.ones(t, t, dtype=torch.bool, device=self.key_q.device).tril()[None, None]
+        return torch.cat([mask & s for s in self.select], -1)
+
+    def expand(self, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys (B, H_kv, nT, hd), values and mask over the concatenated blocks, for one SDPA call."""
+        t = self.key_q.shape[2]
+        return torch.cat(self.keys, 2), torch.cat(self.values, 2), self.expand_mask(mask, t)
+
+    def keys_at(self, row: int, k: Tensor) -> Tensor:
+        """(…, T, hd) the keys as row ``row`` reads them (stored form below the cut, else full precision)."""
+        j = torch.arange(k.shape[-2], device=k.device)
+        return torch.where((j < self.key_cut[row])[:, None], self.key_q, k)
+
+    def logits(self, q: Tensor, k: Tensor, rows: Tensor, view=None) -> Tensor:
+        """q (…, Tr, hd) queries of rows ``rows`` (Tr,) -> (…, Tr, T) logits over the keys as those rows read
+        them. ``k`` is the full-precision keys in the caller's layout and ``view`` maps a (B, H_kv, T, hd) tensor
+        to that layout (e.g. ``lambda x: x.double()[:, :, None]``)."""
+        view = view or (lambda x: x)
+        full = q @ k.transpose(-1, -2)
+        stored = q @ view(self.key_q.detach()).transpose(-1, -2)
+        j = torch.arange(k.shape[-2], device=k.device)
+        return torch.where(j[None] < self.key_cut[rows][:, None], stored, full)
+
+
+def scoring_logits(versions: Versions | None, q: Tensor, k: Tensor, rows: Tensor, view=None) -> Tensor:
+    """Logits a policy scores with: ``q @ k^T``, or per-row stored forms under a versioned compressor
+    (``view`` as in :meth:`Versions.logits`)."""
+    if versions is None:
+        return q @ k.transpose(-1, -2)
+    return versions.logits(q, k, rows, view)
+
+
+class Store:
+    """What one (sequence, kv-head) stream holds: ``read`` gives the stored keys/values (S, hd) as a query at
+    position ``t`` reads them (``pos`` (S,): the stored tokens' positions, kept by the policy cache);
+    ``commit`` appends the new tokens' codes (dict of (n, ...)) and keeps the rows ``keep`` of (old + new)."""
+
+    def read(self, t: int | None, pos: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def commit(self, codes: dict, pos_all: Tensor, keep: Tensor) -> None:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return tensors_nbytes(vars(self))
+
+
+class RawStore(Store):
+    """No compressor: keys and values as computed."""
+
+    def __init__(self, hd: int, like: Tensor):
+        self.k, self.v = like.new_zeros(0, hd), like.new_zeros(0, hd)
+
+    def read(self, t, pos):
+        return self.k, self.v
+
+    def commit(self, codes, pos_all, keep):
+        self.k = torch.cat([self.k, codes["k"]])[keep]
+        self.v = torch.cat([self.v, codes["v"]])[keep]
+
+
+class CodeStore(Store):
+    """A per-token (position-independent) compressor: each token's codes are stored as they are and decoded on read."""
+
+    def __init__(self, comp: "KVCompressor", layer_idx: int, head: int):
+        self.comp, self.layer, self.head = comp, layer_idx, head  # the compressor is shared, never copied
+        self.codes: dict[str, Tensor] | None = None
+
+    def read(self, t, pos):
+        if self.codes is None:
+            return None
+        return self.comp.decode(self.layer, self.head, self.codes, pos)
+
+    def commit(self, codes, pos_all, keep):
+        merged = codes if self.codes is None else {n: torch.cat([self.codes[n], c]) for n, c in codes.items()}
+        self.codes = {n: c[keep] for n, c in merged.items()}
+
+
+class KVCompressor(nn.Module):
+    """Base of the storage compressors. Subclasses implement :meth:`kv` and :meth:`decode` (and, when
+    versioned, :meth:`versions` and :meth:`new_store`)."""
+
+    name = "none"
+    versioned = False
+    """Stored form depends on the reading query's position (KIVI residual, MiKV tiers)."""
+
+    def __init__(self, cfg: CompressorConfig, model_cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_layer, self.n_kv_head, self.head_dim = model_cfg.n_layer, model_cfg.n_kv_head, model_cfg.head_dim
+
+    def attach(self, model) -> None:
+        """Called when the policy holding this compressor is set on ``model`` (e.g. SVD initialisation)."""
+
+    # ------------------------------------------------------------------ both passes
+    def kv(self, layer_idx: int, attn, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, dict]:
+        """Keys (B, H_kv, T, hd) rotated and values as reads see them, and the codes to store
+        (dict of (B, H_kv, T, ...)). Default: the layer's own projection, stored raw."""
+        k, v = attn.project_kv(x, cos, sin)
+        return k, v, {"k": k, "v": v}
+
+    def decode(self, layer_idx: int, head: int, codes: dict, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Stored codes of one kv-head (S, ...) at positions ``pos`` (S,) -> keys (S, hd) rotated, values."""
+        return codes["k"], codes["v"]
+
+    def decode_batched(self, layer_idx: int, codes: dict, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Codes (B, H_kv, S, ...) at positions (B, S) -> keys, values (B, H_kv, S, hd) (batched caches)."""
+        b, h = pos.shape[0], self.n_kv_head
+        out = [[self.decode(layer_idx, hi, {n: c[bi, hi] for n, c in codes.items()}, pos[bi]) for hi in range(h)]
+               for bi in range(b)]
+        return (torch.stack([torch.stack([o[0] for o in row]) for row in out]),
+                torch.stack([torch.stack([o[1] for o in row]) for row in out]))
+
+    def versions(self, layer_idx: int, k: Tensor, v: Tensor) -> Versions | None:
+        """Training view of a versioned compressor (None: every read sees ``kv``'s keys/values)."""
+        return None
+
+    def new_store(self, layer_idx: int, head: int, like: Tensor) -> Store:
+        return CodeStore(self, layer_idx, head)
+
+    # ------------------------------------------------------------------ accounting
+    def bytes_per_token_head(self, element_size: int, context: int) -> float:
+        """Closed-form bytes one token's key + value take in one kv-head (codes, scales, latents), amortised
+        over a ``context``-token cache (full-precision residuals, group tables)."""
+        return 2 * self.head_dim * element_size
+
+    def log_stats(self, stats: dict, element_size: int, context: int) -> None:
+        stats["cache/compression_ratio"] = torch.tensor(
+            self.bytes_per_token_head(element_size, context) / (2 * self.head_dim * element_size))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}"

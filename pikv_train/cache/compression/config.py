@@ -1,0 +1,107 @@
+"""Typed settings of the KV storage compressor (``cache.compressor:`` in recipes), SPEC §6.
+
+One dataclass for the six storage compressors; fields of compressors other than the selected one are
+ignored. Every default is the published one where the paper has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pikv_train.errors import ConfigError, bad_value, check_range
+
+CompressorName = Literal["none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning"]
+COMPRESSORS = ("none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning")
+KEY = "model.init_args.cache.compressor."
+
+
+@dataclass
+class CompressorConfig:
+    """How each kept token's key and value are stored (none | quantized | pyramid | svd | lora | lora_plus |
+    pruning); which tokens are kept is the cache policy's job."""
+
+    name: CompressorName = "none"
+    """none | quantized (KIVI) | pyramid (MiKV mixed precision) | svd (Palu) | lora (learned latent) |
+    lora_plus (lora with LoRA+ learning rates) | pruning (ThinK key channels)."""
+
+    # -- quantized (KIVI) and pyramid's low tiers
+    bits: int = 2
+    """KIVI: 2 or 4 bits per stored key/value element."""
+    group_size: int = 32
+    """KIVI G: keys are quantized per channel over groups of G tokens, values per token over groups of G
+    channels (min(G, head_dim)); KIVI: 32."""
+    residual: int = 128
+    """KIVI R (a multiple of group_size): keys stay full precision until a block of R tokens fills, values for
+    the most recent R tokens; KIVI: 128."""
+
+    # -- pyramid (MiKV)
+    pyramid_bits: tuple[int, int] = (4, 2)
+    """Bits of the two lower tiers (MiKV: the important tokens at full precision, the others at low precision)."""
+    byte_budget: float = 0.3
+    """Bytes per token as a fraction of the full-precision cache's; sets how many tokens each tier holds."""
+    recent: int = 16
+    """Most recent tokens always at full precision (MiKV keeps H2O's recent window in high precision)."""
+
+    # -- svd / lora / lora_plus
+    rank: float = 0.25
+    """Latent rank per kv-head: a fraction of head_dim (<= 1) or a whole number of channels (> 1)."""
+    lora_plus_ratio: float = 16.0
+    """LoRA+ lambda: the up-projection B trains at lambda x lr (Hayou et al.: 16)."""
+
+    # -- pruning (ThinK)
+    keep_channels: float = 0.6
+    """Fraction of key channels kept per kv-head (ThinK's pruning ratio 0.4 keeps 0.6)."""
+
+    def validate(self) -> "CompressorConfig":
+        if self.name not in COMPRESSORS:
+            raise bad_value(KEY + "name", self.name, f"choose one of {', '.join(COMPRESSORS)}", f"fix {KEY}name")
+        if self.bits not in (2, 4):
+            raise bad_value(KEY + "bits", self.bits, "KIVI stores 2 or 4 bits", f"set {KEY}bits to 2 or 4")
+        check_range(KEY + "group_size", self.group_size, lo=4, fix=f"set {KEY}group_size >= 4 (KIVI: 32)")
+        if self.group_size % 4:
+            raise bad_value(KEY + "group_size", self.group_size, "must be a multiple of 4 (2-bit codes fill bytes)",
+                            f"set {KEY}group_size to a multiple of 4 (KIVI: 32)")
+        check_range(KEY + "residual", self.residual, lo=self.group_size,
+                    fix=f"set {KEY}residual to a multiple of group_size={self.group_size} (KIVI: 128)")
+        if self.residual % self.group_size:
+            raise bad_value(KEY + "residual", self.residual, f"must be a multiple of group_size={self.group_size}",
+                            f"set {KEY}residual to a multiple of {self.group_size}")
+        if len(self.pyramid_bits) != 2 or any(b not in (2, 4, 8) for b in self.pyramid_bits):
+            raise bad_value(KEY + "pyramid_bits", list(self.pyramid_bits), "two of 2, 4, 8",
+                            f"set {KEY}pyramid_bits e.g. [4, 2]")
+        check_range(KEY + "byte_budget", self.byte_budget, lo=0, hi=1, lo_open=True,
+                    fix=f"set {KEY}byte_budget in (0, 1]: bytes per token relative to full precision")
+        check_range(KEY + "recent", self.recent, lo=0, fix=f"set {KEY}recent >= 0")
+        r = self.rank
+        if not (r > 0) or (r > 1 and float(r) != int(r)):
+            raise ConfigError(f"{KEY}rank={r} is out of range; use a fraction of head_dim in (0, 1] or a whole "
+                              f"number of channels > 1 (e.g. {KEY}rank 0.25)")
+        check_range(KEY + "lora_plus_ratio", self.lora_plus_ratio, lo=0, lo_open=True,
+                    fix=f"set {KEY}lora_plus_ratio > 0 (LoRA+: 16)")
+        check_range(KEY + "keep_channels", self.keep_channels, lo=0, hi=1, lo_open=True,
+                    fix=f"set {KEY}keep_channels in (0, 1] (ThinK: 0.6)")
+        return self
+
+    def rank_for(self, head_dim: int) -> int:
+        """The latent rank in channels for a head dimension."""
+        r = int(self.rank) if self.rank > 1 else max(1, round(self.rank * head_dim))
+        if r > head_dim:
+            raise ConfigError(f"{KEY}rank={self.rank} exceeds head_dim={head_dim}; lower {KEY}rank")
+        return r
+
+    @classmethod
+    def from_any(cls, d) -> "CompressorConfig":
+        if d is None:
+            return cls()
+        if isinstance(d, cls):
+            return d
+        if isinstance(d, str):
+            return cls(name=d)
+        d = dict(d)
+        if "pyramid_bits" in d:
+            d["pyramid_bits"] = tuple(d["pyramid_bits"])
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown {KEY[:-1]} settings {sorted(unknown)}; valid keys: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
