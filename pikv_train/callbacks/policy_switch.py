@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from pikv_train.cache.config import CacheConfig, build_policy
 from pikv_train.errors import ConfigError
-from pikv_train.tasks.base import HOOK_GROUP
+from pikv_train.tasks.base import HOOK_GROUP, compressor_of, hook_param_groups
 
 
 class CachePolicySwitch(L.Callback):
@@ -19,17 +19,25 @@ class CachePolicySwitch(L.Callback):
         at_step: global step at which the switch happens (before that batch's forward).
         cache: the policy to switch to (same keys as the task's ``cache:``).
 
-    Learnable policy parameters (DuoAttention gates) replace those of the optimizer's hook group (the
-    last group of ``build_optimizer``: no weight decay, on the same learning-rate schedule), and the
-    optimizer state of the replaced ones is dropped. Resuming from a checkpoint written after the switch
+    Learnable policy parameters (DuoAttention gates, a low-rank compressor's factors) replace those of the
+    optimizer's hook groups (the last three of ``build_optimizer``: no weight decay, on the same learning-rate
+    schedule, a LoRA+ compressor's up-projections at its ratio), and the optimizer state of the replaced ones
+    is dropped. A compressor that freezes model weights (``lora``: the K/V projections it replaces) takes them
+    out of their groups too. E.g. ``cache: {compressor: {name: lora, rank: 8}}`` at step 200: distil dense,
+    then train the latent initialised from the SVD of the weights reached at step 200. Resuming from a checkpoint written after the switch
     restores the switched policy with its trained parameters and optimizer state (the task re-attaches
     the policy saved in the checkpoint before the weights load; this callback remembers that it has
     switched). Several switches (at different steps) may be used in one run.
     """
 
     def __init__(self, at_step: int, cache: CacheConfig = CacheConfig()):
+        if not isinstance(at_step, int) or at_step < 0:
+            raise ConfigError(f"CachePolicySwitch.at_step={at_step!r} is invalid: must be a whole step >= 0; fix at_step")
         self.at_step = at_step
-        self.cache = cache if isinstance(cache, CacheConfig) else CacheConfig.from_dict(dict(cache))
+        try:  # checked now, not when the switch fires mid-run
+            self.cache = (cache if isinstance(cache, CacheConfig) else CacheConfig.from_dict(dict(cache))).validate()
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("model.init_args.cache.", "CachePolicySwitch.cache.")) from None
         self._done = False
 
     @property
@@ -64,18 +72,31 @@ class CachePolicySwitch(L.Callback):
             policy.to(next(model.parameters()).device)
         model.set_cache_policy(policy)
         if trainer.optimizers:
-            self._swap_hook_params(trainer.optimizers[0], model)
-        rank_zero_info(f"cache policy -> {self.cache.policy} (budget {self.cache.budget}) at step {trainer.global_step}")
+            configs = getattr(trainer, "lr_scheduler_configs", None)
+            sched = configs[0].scheduler if configs else None
+            self._swap_hook_params(trainer.optimizers[0], model, sched)
+        rank_zero_info(f"cache policy -> {self.cache.policy} (budget {self.cache.budget}, compressor "
+                       f"{self.cache.compressor.name}) at step {trainer.global_step}")
 
     @staticmethod
-    def _swap_hook_params(opt, model) -> None:
-        group = opt.param_groups[-1]
-        if not group.get(HOOK_GROUP):
+    def _swap_hook_params(opt, model, sched=None) -> None:
+        groups = {g.get(HOOK_GROUP): g for g in opt.param_groups if g.get(HOOK_GROUP)}
+        if set(groups) != {"gates", "compressor_down", "compressor_up"}:
             raise ConfigError(
                 "CachePolicySwitch needs the optimizer of pikv_train.tasks.base.build_optimizer (its last "
-                "group holds the attention hooks' parameters); use it in configure_optimizers"
+                "groups hold the attention hooks' parameters); use it in configure_optimizers"
             )
-        for p in group["params"]:
-            opt.state.pop(p, None)
-        hooks = [h for h in (model.cache_policy, model.kv_sharding) if h is not None]
-        group["params"] = [p for h in hooks for p in h.parameters() if p.requires_grad]
+        for g in opt.param_groups:  # weights the new compressor freezes (lora's K/V projections) leave
+            if not g.get(HOOK_GROUP):
+                for p in [p for p in g["params"] if not p.requires_grad]:
+                    opt.state.pop(p, None)
+                g["params"] = [p for p in g["params"] if p.requires_grad]
+        new = hook_param_groups(model)
+        for role, g in groups.items():
+            for p in g["params"]:
+                opt.state.pop(p, None)
+            g["params"] = new[role]
+        if sched is not None and hasattr(sched, "base_lrs"):
+            i = opt.param_groups.index(groups["compressor_up"])
+            sched.base_lrs[i] = sched.base_lrs[0] * getattr(compressor_of(model), "lr_ratio", 1.0)
+            groups["compressor_up"]["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)

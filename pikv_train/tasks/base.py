@@ -57,40 +57,63 @@ def as_config(cls, value):
 
 
 HOOK_GROUP = "pikv_hook_params"
-"""Key marking the optimizer group of the attention hooks' parameters (the last of ``build_optimizer``'s)."""
+"""Key marking the optimizer groups of the attention hooks' parameters (the last three of ``build_optimizer``'s);
+its value is the group's role: ``gates`` (DuoAttention), ``compressor_down`` and ``compressor_up`` (the low-rank
+KV compressors' factors; LoRA+ trains the up-projections at a multiple of the learning rate)."""
+HOOK_ROLES = ("gates", "compressor_down", "compressor_up")
 
 
 def upgrade_optimizer_state(checkpoint: dict, n_hook_params: int) -> None:
     """Checkpoints written when ``build_optimizer`` made two groups (hook parameters, if any, last in the
-    second): split them off into the third group, and extend the LR schedulers' per-group lists."""
+    second) or three (before the compressor groups): split the hook parameters off into the gates group,
+    add the two (empty) compressor groups, and extend the LR schedulers' per-group lists."""
     for opt in checkpoint.get("optimizer_states", []):
         groups = opt.get("param_groups", [])
-        if len(groups) != 2:
-            continue
-        ids = groups[1]["params"]
-        cut = len(ids) - n_hook_params
-        groups.append({**groups[1], "params": ids[cut:], "weight_decay": 0.0, HOOK_GROUP: True})
-        groups[1]["params"] = ids[:cut]
+        if len(groups) == 2:
+            ids = groups[1]["params"]
+            cut = len(ids) - n_hook_params
+            groups.append({**groups[1], "params": ids[cut:], "weight_decay": 0.0, HOOK_GROUP: "gates"})
+            groups[1]["params"] = ids[:cut]
+        if len(groups) == 3:
+            groups[2][HOOK_GROUP] = "gates"
+            groups += [{**groups[2], "params": [], HOOK_GROUP: role} for role in HOOK_ROLES[1:]]
     for sched in checkpoint.get("lr_schedulers", []):
         for key in ("base_lrs", "_last_lr", "lr_lambdas"):
-            if isinstance(sched.get(key), list) and len(sched[key]) == 2:
-                sched[key].append(sched[key][1])
+            if isinstance(sched.get(key), list) and len(sched[key]) in (2, 3):
+                sched[key] += [sched[key][-1]] * (5 - len(sched[key]))
+
+
+def compressor_of(module: torch.nn.Module):
+    """The KV compressor of ``module``'s cache policy, or None."""
+    return getattr(getattr(module, "cache_policy", None), "compressor", None)
+
+
+def hook_param_groups(module: torch.nn.Module) -> dict[str, list]:
+    """Trainable parameters of the attention hooks by optimizer role (see :data:`HOOK_ROLES`)."""
+    comp = compressor_of(module)
+    down, up = comp.param_groups() if comp is not None and hasattr(comp, "param_groups") else ([], [])
+    taken = {id(p) for p in down + up}
+    gates = [p for h in (getattr(module, "cache_policy", None), getattr(module, "kv_sharding", None)) if h is not None
+             for p in h.parameters() if p.requires_grad and id(p) not in taken]
+    return {"gates": gates, "compressor_down": [p for p in down if p.requires_grad],
+            "compressor_up": [p for p in up if p.requires_grad]}
 
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     """AdamW over ``module``'s trainable parameters with the warm-up + cosine schedule."""
-    decay, no_decay, hooks = [], [], []
+    hook = hook_param_groups(module)
+    hook_ids = {id(p) for ps in hook.values() for p in ps}
+    decay, no_decay = [], []
     for name, p in module.named_parameters():
-        if p.requires_grad:
-            # Matrices decay; vectors and the attention hooks' gates (DuoAttention) do not.
-            if name.startswith(("cache_policy.", "kv_sharding.")):
-                hooks.append(p)
-            else:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-    # Always three groups, the hook parameters last (possibly none): CachePolicySwitch swaps that
-    # group's parameters mid-run, so a resumed run rebuilds exactly the saved layout.
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": hooks, "weight_decay": 0.0, HOOK_GROUP: True}]
+        if p.requires_grad and id(p) not in hook_ids and not name.startswith(("cache_policy.", "kv_sharding.")):
+            # Matrices decay; vectors do not (nor the hooks' gates and compressor factors, below).
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    # Always five groups, the hook parameters last (possibly none): CachePolicySwitch swaps those groups'
+    # parameters mid-run, so a resumed run rebuilds exactly the saved layout.
+    ratio = getattr(compressor_of(module), "lr_ratio", 1.0)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": hook[role], "weight_decay": 0.0, HOOK_GROUP: role,
+                **({"lr": cfg.lr * ratio} if role == "compressor_up" else {})} for role in HOOK_ROLES]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     total = max(total_steps, 1)
 

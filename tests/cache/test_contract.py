@@ -31,6 +31,15 @@ AXES = {
     "sharding": ["off", "by_routing", "by_score", "by_routing+shard_budget", "by_score+shard_budget"],
     "kv_bits": [0, 4],
     "router": ["topk_balanced", "eplb", "adaptive", "pikv", "hierarchical"],
+    "compressor": ["none", "quantized", "svd", "lora", "lora_plus", "pruning"],
+}
+COMPRESSORS = {  # small groups / residual so that KIVI quantizes within T; ranks and channel shares of head_dim 8
+    "none": {},
+    "quantized": dict(name="quantized", bits=2, group_size=4, residual=8),
+    "svd": dict(name="svd", rank=0.5),
+    "lora": dict(name="lora", rank=0.25),
+    "lora_plus": dict(name="lora_plus", rank=0.5),
+    "pruning": dict(name="pruning", keep_channels=0.5),
 }
 CHUNKED = {"h2o", "lru", "lru_plus", "ada_kv"}  # decisions depend on attention and on the chunk size
 
@@ -46,8 +55,12 @@ def _cases() -> list[dict]:
             chunks = AXES["chunk"] if policy in CHUNKED and budget < 1 else [next(chunk_cycle)]
             for chunk in chunks:
                 case = dict(policy=policy, budget=budget, chunk=chunk, **{a: next(c) for a, c in cycles.items()})
+                if policy != "flexgen" and case["compressor"] != "none":
+                    case["kv_bits"] = 0  # FlexGen's own quantizer: refused beside a compressor (and unused elsewhere)
                 if policy == "flexgen":  # kv_bits is FlexGen's knob: both values at evicting budgets
                     case["kv_bits"] = 4 if budget != 0.5 else 0
+                    if case["kv_bits"] or case["compressor"] == "quantized":  # one quantizer at a time (refused)
+                        case["compressor"] = "none"
                 out.append(case)
     return out
 
@@ -63,7 +76,7 @@ def test_the_sampled_grid_covers_every_value_of_every_axis():
             assert {c["chunk"] for c in CASES if c["policy"] == policy and c["budget"] == budget} == set(AXES["chunk"])
 
 
-def _build(case: dict) -> Decoder:
+def _build(case: dict, calibration=None) -> Decoder:
     torch.manual_seed(0)
     router = RouterConfig(name=case["router"], top_k=2, k_min=1, n_groups=2, topk_groups=1, p_threshold=0.5)
     cfg = ModelConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=32, max_seq_len=T,
@@ -82,11 +95,16 @@ def _build(case: dict) -> Decoder:
             policy=case["policy"], budget=case["budget"], chunk_size=case["chunk"], n_sink=2, page_size=4,
             quest_dense_layers=1, snap_window=6, snap_kernel=3, kv_bits=case["kv_bits"], kv_group_size=8,
             attn_sparsity=0.5 if case["policy"] == "flexgen" and case["budget"] == 0.5 else 1.0,
+            compressor=COMPRESSORS[case.get("compressor", "none")],
         ), cfg)
         if case["policy"] == "duo_attention":
             with torch.no_grad():
                 pol.gates.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.7]]))  # retrieval and streaming heads
         model.set_cache_policy(pol)
+    elif case.get("compressor", "none") != "none":
+        model.set_cache_policy(build_policy(CacheConfig(compressor=COMPRESSORS[case["compressor"]]), cfg))
+    if case.get("compressor") == "pruning":  # ThinK's static channels, calibrated on a batch of "training data"
+        model.cache_policy.compressor.calibrate(model, torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(7)))
     return model.eval()
 
 
@@ -106,7 +124,7 @@ def test_decoding_with_the_deployed_cache_equals_the_training_forward(case):
     scale = float(train.abs().max())
     torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
     lossy = case["policy"] not in ("full", "flexgen") or case["kv_bits"] or case["budget"] == 0.5
-    if case["budget"] < 1 and lossy:  # the cache really changes what is computed here
+    if (case["budget"] < 1 and lossy) or case["compressor"] != "none":  # the cache really changes what is computed
         model.set_cache_policy(None)
         model.set_kv_sharding(None)
         with torch.no_grad():
@@ -141,3 +159,40 @@ def test_decoding_equals_training_when_the_sequence_and_the_reference_length_dif
     scale = float(train.abs().max())
     torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
     assert float((unrestricted - train).abs().max()) > 1e-3 * scale  # the policy acts at these lengths
+
+
+def _pairs() -> list[dict]:
+    """Every (policy, compressor) pair at an evicting budget, the other axes cycling."""
+    cycles = {a: itertools.cycle(AXES[a]) for a in ("sharding", "router")}
+    chunks = itertools.cycle([1, 4, 5])
+    out = []
+    for policy in AXES["policy"]:
+        for comp in AXES["compressor"][1:]:
+            out.append(dict(policy=policy, budget=0.5 if policy != "flexgen" else 0.25, chunk=next(chunks), kv_bits=0,
+                            compressor=comp, **{a: next(c) for a, c in cycles.items()}))
+    return out
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("case", _pairs(), ids=_id)
+def test_every_policy_decodes_its_compressed_cache_as_it_trained(case):
+    """SPEC §6/§7: each storage compressor with each policy: token-by-token decoding with the compressed cache
+    equals the compressed training forward, and the compressor really changes the logits."""
+    if case["policy"] == "flexgen" and case["compressor"] == "quantized":
+        from pikv_train.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="policy=flexgen with model.init_args.cache.compressor.name=quantized"):
+            _build(case)
+        return
+    model = _build(case)
+    x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = model.logits(model(x).hidden)
+        cache = model.new_cache()
+        dec = decode_tokenwise(model, cache, x, PREFILL)
+        model.cache_policy.compressor = None  # the same policy, keys/values stored as computed
+        plain = model.logits(model(x).hidden)
+    scale = float(train.abs().max())
+    torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
+    assert float((plain - train).abs().max()) > 1e-3 * scale

@@ -188,7 +188,7 @@ def test_policy_switch_callback_switches_at_step_and_trains_new_gates():
     trainer.global_step = 3
     cb.on_train_batch_start(trainer, module, None, 0)
     assert type(model.cache_policy).__name__ == "DuoAttentionScheduler"
-    assert opt.param_groups[-1]["params"] == [model.cache_policy.gates]
+    assert opt.param_groups[2]["params"] == [model.cache_policy.gates]
     with pytest.raises(ConfigError, match="build_optimizer"):  # an optimizer without the hook group
         CachePolicySwitch(at_step=0, cache=CacheConfig(policy="h2o", budget=8)).on_train_batch_start(
             SimpleNamespace(global_step=0, optimizers=[torch.optim.AdamW(model.parameters())]), module, None, 0)
@@ -242,13 +242,13 @@ def test_run_resumed_after_a_switch_to_duo_attention_keeps_gates_and_optimizer(t
     task2, trainer2 = fit(4, ckpt_path=path)  # one more step from step 3
     assert type(task2.model.cache_policy).__name__ == "DuoAttentionScheduler"
     opt = trainer2.optimizers[0]
-    assert len(opt.param_groups) == 3 and opt.param_groups[-1]["params"][0] is task2.model.cache_policy.gates
+    assert len(opt.param_groups) == 5 and opt.param_groups[2]["params"][0] is task2.model.cache_policy.gates
     torch.testing.assert_close(task2.model.cache_policy.gates.detach(), ref_gates)  # same step 4 as without the break
-    assert [g["lr"] for g in opt.param_groups] == [opt.param_groups[0]["lr"]] * 3  # gates follow the schedule
+    assert [g["lr"] for g in opt.param_groups] == [opt.param_groups[0]["lr"]] * 5  # gates follow the schedule
     # A second switch, away from DuoAttention (the hook group empties), and a resume after it.
     task3, trainer3 = fit(6, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert type(task3.model.cache_policy).__name__ == "StreamingLLMScheduler"
-    assert trainer3.optimizers[0].param_groups[-1]["params"] == []
+    assert trainer3.optimizers[0].param_groups[2]["params"] == []
     task4, trainer4 = fit(7, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
     assert type(task4.model.cache_policy).__name__ == "StreamingLLMScheduler" and trainer4.global_step == 7
 
@@ -261,8 +261,9 @@ def test_checkpoints_with_the_two_group_optimizer_layout_are_upgraded():
             "lr_schedulers": [{"base_lrs": [1.0, 1.0], "_last_lr": [0.5, 0.5], "lr_lambdas": [None, None]}]}
     upgrade_optimizer_state(ckpt, n_hook_params=1)  # the old layout kept a DuoAttention gate last in group 2
     groups = ckpt["optimizer_states"][0]["param_groups"]
-    assert [g["params"] for g in groups] == [[0, 1], [2, 3], [4]] and groups[2][HOOK_GROUP]
-    assert ckpt["lr_schedulers"][0]["_last_lr"] == [0.5, 0.5, 0.5]
+    assert [g["params"] for g in groups] == [[0, 1], [2, 3], [4], [], []]
+    assert [g.get(HOOK_GROUP) for g in groups] == [None, None, "gates", "compressor_down", "compressor_up"]
+    assert ckpt["lr_schedulers"][0]["_last_lr"] == [0.5] * 5
 
 
 def test_validation_checkpoint_without_weights_is_left_to_the_strategy():
