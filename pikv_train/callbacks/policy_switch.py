@@ -97,6 +97,6 @@ class CachePolicySwitch(L.Callback):
                 opt.state.pop(p, None)
             g["params"] = new[role]
         if sched is not None and hasattr(sched, "base_lrs"):
-            i = opt.param_groups.index(groups["compressor_up"])
+            i = next(i for i, g in enumerate(opt.param_groups) if g is groups["compressor_up"])
             sched.base_lrs[i] = sched.base_lrs[0] * getattr(compressor_of(model), "lr_ratio", 1.0)
             groups["compressor_up"]["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)

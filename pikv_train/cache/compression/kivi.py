@@ -49,8 +49,9 @@ class KIVIStore(Store):
         hd = comp.head_dim
         self.bits, self.g, self.r, self.gv = comp.cfg.bits, comp.cfg.group_size, comp.cfg.residual, comp.value_group
         z = lambda *s, dt=like.dtype: torch.zeros(*s, dtype=dt, device=like.device)  # noqa: E731
-        self.k_codes = z(0, hd * self.bits // 8, dt=torch.uint8)  # (Nq, hd*b/8) packed along channels
-        self.k_gid = z(0, dt=torch.long)  # (Nq,) group of each quantized key
+        # Quantized keys (Nq, hd*b/8) packed along channels; a key's group is its position // G (the policy cache
+        # holds the positions), so no per-token group id is stored.
+        self.k_codes = z(0, hd * self.bits // 8, dt=torch.uint8)
         self.g_id, self.g_mn, self.g_scale = z(0, dt=torch.long), z(0, hd), z(0, hd)  # quantized groups
         self.o_id, self.o_mn, self.o_mx = z(0, dt=torch.long), z(0, hd, dt=torch.float32), z(0, hd, dt=torch.float32)
         self.k_res = z(0, hd)  # (Nr, hd)
@@ -74,11 +75,10 @@ class KIVIStore(Store):
             row = torch.searchsorted(self.g_id, gid)
             codes = quantize_codes(keys, self.g_mn[row], self.g_scale[row], self.bits)  # per channel
             self.k_codes = torch.cat([self.k_codes, pack(codes, self.bits)])
-            self.k_gid = torch.cat([self.k_gid, gid])
             self.k_res = self.k_res[flush:]
         done = self.o_id < cut // self.g  # complete groups: their min/max now live in the group table (or nowhere)
         self.o_id, self.o_mn, self.o_mx = self.o_id[~done], self.o_mn[~done], self.o_mx[~done]
-        self._drop_unused_groups()
+        self._drop_unused_groups(pos[: len(self.k_codes)])
         old = int((pos[mq: mq + len(self.v_full)] < t - self.r).sum())
         if old:
             qt = group_quantize(self.v_full[:old], self.bits, self.gv)
@@ -86,14 +86,15 @@ class KIVIStore(Store):
             self.v_mn, self.v_scale = torch.cat([self.v_mn, qt.mn]), torch.cat([self.v_scale, qt.scale])
             self.v_full = self.v_full[old:]
 
-    def _drop_unused_groups(self) -> None:
-        used = torch.isin(self.g_id, self.k_gid)
+    def _drop_unused_groups(self, pos_q: Tensor) -> None:
+        """Keep the min/scale of the groups that still have a quantized key (positions ``pos_q``)."""
+        used = torch.isin(self.g_id, pos_q // self.g)
         self.g_id, self.g_mn, self.g_scale = self.g_id[used], self.g_mn[used], self.g_scale[used]
 
     def read(self, t, pos):
         if t is not None:
             self._advance(t, pos)
-        row = torch.searchsorted(self.g_id, self.k_gid)
+        row = torch.searchsorted(self.g_id, pos[: len(self.k_codes)] // self.g)
         kq = dequantize_codes(unpack(self.k_codes, self.bits), self.g_mn[row], self.g_scale[row]).to(self.k_res.dtype)
         vq = group_dequantize_rows(self.v_codes, self.v_mn, self.v_scale, self.bits, self.gv, self.hd, self.v_full.dtype)
         return torch.cat([kq, self.k_res]), torch.cat([vq, self.v_full])
@@ -114,10 +115,10 @@ class KIVIStore(Store):
                 self.o_mn, self.o_mx = torch.cat([self.o_mn, kg.amin(0)[None]]), torch.cat([self.o_mx, kg.amax(0)[None]])
         self.k_res, self.v_full = torch.cat([self.k_res, k_new]), torch.cat([self.v_full, v_new])
         nq, mq = len(self.k_codes), len(self.v_codes)
-        self.k_codes, self.k_gid, self.k_res = self.k_codes[keep[:nq]], self.k_gid[keep[:nq]], self.k_res[keep[nq:]]
+        self.k_codes, self.k_res = self.k_codes[keep[:nq]], self.k_res[keep[nq:]]
         self.v_codes, self.v_mn, self.v_scale = self.v_codes[keep[:mq]], self.v_mn[keep[:mq]], self.v_scale[keep[:mq]]
         self.v_full = self.v_full[keep[mq:]]
-        self._drop_unused_groups()
+        self._drop_unused_groups(pos_all[keep][: len(self.k_codes)])
 
 
 def group_dequantize_rows(codes, mn, scale, bits, group, dim, dtype) -> Tensor:
@@ -163,11 +164,17 @@ class QuantizedCompressor(KVCompressor):
         return KIVIStore(self, like)
 
     def bytes_per_token_head(self, element_size, context):
-        """Codes of key and value, the key groups' per-channel min/scale over G tokens, the value groups'
-        min/scale per token, and the residual (R keys on average R / 2, values R) at full precision."""
-        hd, b, g, r = self.head_dim, self.cfg.bits, self.cfg.group_size, self.cfg.residual
+        """Bytes per token of one kv-head in a cache holding ``context`` tokens after the query at position
+        context - 1, nothing evicted: key codes, each quantized key group's per-channel min/scale (and its id),
+        value codes with their per-token min/scale, the full-precision residual keys and values, and the running
+        fp32 min/max (and id) of the key groups still open. The residual amortises over the context."""
+        hd, b, g, r, es = self.head_dim, self.cfg.bits, self.cfg.group_size, self.cfg.residual, element_size
+        n = context
+        n_kq = r * ((n - 1) // r)  # keys read quantized by the last query
+        n_vq = max(0, n - 1 - r)  # values read quantized by the last query
         n_vg = -(-hd // self.value_group)
-        quant = hd * b / 8 + 2 * hd * element_size / g + n_vg * self.value_group * b / 8 + 2 * n_vg * element_size
-        full = 2 * hd * element_size
-        res = min(context, r) / context  # share of tokens held at full precision (worst case: a full residual)
-        return (1 - res) * quant + res * full
+        groups, open_groups = n_kq // g, -(-n // g) - n_kq // g
+        total = (n_kq * hd * b / 8 + groups * (2 * hd * es + 8) + (n - n_kq) * hd * es
+                 + n_vq * (n_vg * self.value_group * b / 8 + 2 * n_vg * es) + (n - n_vq) * hd * es
+                 + open_groups * (2 * hd * 4 + 8))
+        return total / n
