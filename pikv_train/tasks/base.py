@@ -197,11 +197,18 @@ class TaskBase(L.LightningModule):
         if not restore and sd is not None:
             prefix = next(n for n, m in self.named_modules() if m is model) + ".cache_policy."
             own = dict(model.cache_policy.state_dict()) if model.cache_policy is not None else {}
+            # A compressor whose factors derive from the weights (lora) starts from the checkpoint's weights.
+            comp = getattr(model.cache_policy, "compressor", None)
+            derived = {}
+            if comp is not None and hasattr(comp, "state_from_weights") and not any(
+                    k.startswith(prefix + "compressor.") for k in sd):
+                derived = {f"{prefix}compressor.{n}": t for n, t in
+                           comp.state_from_weights(sd, prefix[: -len("cache_policy.")]).items()}
             own = {prefix + n: t for n, t in own.items()}
             for key in [k for k in sd if k.startswith(prefix) and k not in own]:
                 del sd[key]
             for key, t in own.items():  # a policy the checkpoint was not trained with keeps its own state
-                sd.setdefault(key, t)
+                sd.setdefault(key, derived.get(key, t))
 
     # ----------------------------------------------------------------- router
     def log_routing(self, out: DecoderOutput, prefix: str = "router") -> Tensor:

@@ -273,3 +273,32 @@ def test_a_run_switches_to_lora_mid_run_and_resumes_with_its_factors_and_optimiz
     task2, trainer2 = fit(4, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
     assert not torch.equal(at_3, ref)  # the factors trained after the switch
     torch.testing.assert_close(task2.model.cache_policy.compressor.up_k.detach(), ref)  # the same step 4
+
+
+def test_a_dense_checkpoint_validated_under_lora_starts_its_factors_from_that_checkpoint(tmp_path):
+    """Evaluating a dense-trained student under ``lora`` (training-free): the factors come from the SVD of the
+    checkpoint's own K/V projections (not of the random weights the task was built with), so the validation
+    loss equals Palu's ``svd`` at the same rank."""
+    import lightning as L
+
+    from pikv_train.data import TextDataModule
+    from pikv_train.tasks import LanguageModelTask
+
+    def trainer():
+        return L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=2)
+
+    data = lambda: TextDataModule(max_documents=8, seq_len=32, batch_size=2)  # noqa: E731
+    cfg = ModelConfig.preset("nano", n_head=4, n_kv_head=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer()
+        t.fit(LanguageModelTask(model=cfg), datamodule=data())
+        ckpt = tmp_path / "dense.ckpt"
+        t.save_checkpoint(ckpt)
+        losses = {}
+        for name in ("svd", "lora", "none"):
+            task = LanguageModelTask(model=cfg, cache=CacheConfig(compressor=CompressorConfig(name=name, rank=0.5)))
+            losses[name] = trainer().validate(task, datamodule=data(), ckpt_path=ckpt, verbose=False)[0]["val/loss"]
+    assert losses["lora"] == pytest.approx(losses["svd"], rel=1e-5)
+    assert abs(losses["svd"] - losses["none"]) > 1e-4

@@ -116,14 +116,29 @@ class LoRACompressor(SVDCompressor):
         afterwards overwrites them) and freeze those projections."""
         super().attach(model)
         with torch.no_grad():
-            for i, blk in enumerate(model.blocks):
-                for w, down, up in zip(_head_weights(blk.attn, self.n_kv_head, self.head_dim),
-                                       (self.down_k, self.down_v), (self.up_k, self.up_v)):
-                    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
-                    root = s[..., : self.rank].sqrt()
-                    up[i].copy_(u[..., : self.rank] * root[:, None, :])
-                    down[i].copy_(root[..., None] * vh[:, : self.rank])
-                blk.attn.kv_proj.weight.requires_grad_(False)
+            for name, value in self.factors_from([blk.attn.kv_proj.weight for blk in model.blocks]).items():
+                getattr(self, name).copy_(value)
+        for blk in model.blocks:
+            blk.attn.kv_proj.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def factors_from(self, kv_weights: list[Tensor]) -> dict[str, Tensor]:
+        """The SVD initialisation (balanced: B = U_r S_r^1/2, A = S_r^1/2 V_r^T) from each layer's kv_proj weight."""
+        out = {n: torch.zeros_like(getattr(self, n)) for n in ("down_k", "down_v", "up_k", "up_v")}
+        for i, w in enumerate(kv_weights):
+            wk, wv = w[: self.n_kv_head * self.head_dim], w[self.n_kv_head * self.head_dim:]
+            for part, down, up in ((wk, "down_k", "up_k"), (wv, "down_v", "up_v")):
+                u, s, vh = torch.linalg.svd(part.reshape(self.n_kv_head, self.head_dim, -1).float(), full_matrices=False)
+                root = s[..., : self.rank].sqrt()
+                out[up][i] = u[..., : self.rank] * root[:, None, :]
+                out[down][i] = root[..., None] * vh[:, : self.rank]
+        return out
+
+    def state_from_weights(self, state_dict: dict, model_prefix: str) -> dict[str, Tensor]:
+        """Factors for a checkpoint written without them (evaluating a dense-trained student under ``lora``):
+        the SVD initialisation of that checkpoint's own K/V projections, keyed like ``state_dict()``."""
+        ws = [state_dict[f"{model_prefix}blocks.{i}.attn.kv_proj.weight"] for i in range(self.n_layer)]
+        return self.factors_from(ws)
 
     def param_groups(self) -> tuple[list, list]:
         """(down-projections, up-projections) for the optimizer's compressor groups."""
