@@ -76,7 +76,7 @@ class CausalSelfAttention(nn.Module):
             codes = None
         else:
             k, v, codes = compressor.kv(layer_idx, self, x, cos, sin)
-            if cache is None and compressor.versioned:
+            if cache is None and compressor.versioned and not getattr(compressor, "needs_visibility", False):
                 versions = compressor.versions(layer_idx, k, v)
         if ctx is not None:
             ctx.versions = versions
@@ -92,6 +92,18 @@ class CausalSelfAttention(nn.Module):
                 m = h.training_mask(q, k, ctx)
                 if m is not None:
                     mask = m if mask is None else mask & m
+            if compressor is not None and getattr(compressor, "needs_visibility", False):
+                # MiKV-style tiers come from the attention rows really pay: what the policy holds when each row
+                # arrives (its deployed, hard-gated form) and what expert sharding lets it read.
+                policy = next(h for h in hooks if getattr(h, "compressor", None) is compressor)
+                held = policy.held_mask(t, ctx)
+                vis = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+                vis = vis if held is None else vis & (held | torch.eye(t, dtype=torch.bool, device=x.device))
+                shard = ctx.prior_mask if ctx is not None and hooks[-1] is policy else None
+                vis = vis if shard is None else vis & shard
+                versions = compressor.versions(layer_idx, k, v, q=q, vis=vis, held=held)
+                if ctx is not None:
+                    ctx.versions = versions
             for h in hooks:
                 y = h.attend(q, k, v, mask, ctx)
                 if y is not None:

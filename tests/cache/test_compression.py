@@ -302,3 +302,75 @@ def test_a_dense_checkpoint_validated_under_lora_starts_its_factors_from_that_ch
             losses[name] = trainer().validate(task, datamodule=data(), ckpt_path=ckpt, verbose=False)[0]["val/loss"]
     assert losses["lora"] == pytest.approx(losses["svd"], rel=1e-5)
     assert abs(losses["svd"] - losses["none"]) > 1e-4
+
+
+def test_pyramid_keeps_every_token_demotes_by_attention_and_meets_its_byte_budget():
+    """MiKV: nothing dropped; at each decision the least-attended tokens outside the recent window go down a tier
+    (never up), with equal full and middle tiers sized by the byte budget; bytes_stored counts what is held."""
+    comp_cfg = dict(name="pyramid", group_size=16, recent=4, tier_every=4, byte_budget=0.6)
+    model = _model(comp_cfg)
+    comp = model.cache_policy.compressor
+    cache = model.new_cache()
+    x, history = _ids(), []
+    with torch.no_grad():
+        model(x[:, :1], positions=torch.zeros(2, 1, dtype=torch.long), cache=cache)
+        for t in range(1, T):
+            model(x[:, t: t + 1], positions=torch.full((2, 1), t), cache=cache)
+            history.append(torch.stack([st["kv"].tier for row in cache.store[1] for st in row]).clone().long())
+    held = 0
+    full, mid, low = comp.token_bytes(4)
+    for layer in cache.store:
+        for row in layer:
+            for st in row:
+                store = st["kv"]
+                assert len(store.tier) == T and len(st["pos"]) == T  # no token left behind
+                n = [int((store.tier == i).sum()) for i in range(3)]
+                assert n[2] > 0 and n[1] > 0  # the budget really demotes at this length
+                kv = n[0] * full + n[1] * mid + n[2] * low
+                last = 4 * ((T - 1) // 4)  # the last decision, at row 36; rows 36..39 arrived at full precision
+                assert kv <= comp.cfg.byte_budget * last * full + (T - last) * full
+                held += store.nbytes()
+                assert store.nbytes() == pytest.approx(kv + 8 * T + T)  # + float64 importance + int8 tier per token
+    for a, b in zip(history, history[1:]):
+        assert bool((b[:, : a.shape[1]] >= a).all())  # demotion only
+    assert cache.bytes_stored() == held + sum(st["pos"].numel() * 8 for layer in cache.store for row in layer for st in row)
+
+
+def test_pyramid_store_tiers_by_accumulated_attention_and_stores_the_tier_forms():
+    from pikv_train.cache.compression.pyramid import PyramidStore
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, d_model=32, d_ff=16)  # head_dim 16
+    comp = build_policy(CacheConfig(compressor=dict(name="pyramid", group_size=16, recent=2, tier_every=4,
+                                                    byte_budget=0.6)), cfg).compressor
+    k, v = torch.randn(12, 16), torch.randn(12, 16)
+    store, pos = PyramidStore(comp, k), torch.arange(12)
+    store.commit({"k": k, "v": v}, pos, torch.ones(12, dtype=torch.bool))
+    imp = torch.tensor([5.0, 1, 9, 3, 8, 2, 7, 4, 6, 0.5, 0, 0], dtype=torch.float64)
+    store.imp = imp.clone()
+    rk, rv = store.read(12, pos)
+    x = int(comp.top_count(torch.tensor(12), torch.tensor(2), torch.tensor(10), 4))
+    assert x == 3  # 0.6 x 12 x 128 bytes - 2 recent at full - 10 at the lowest tier, over (full + middle - 2 lowest)
+    order = imp[:10].argsort(descending=True)
+    expect = torch.full((12,), 2, dtype=torch.int8)
+    expect[order[:x]], expect[order[x: 2 * x]], expect[10:] = 0, 1, 0
+    assert torch.equal(store.tier, expect)
+    # The next decision refills the full-precision tier from the tokens still at full precision: a demoted token
+    # with the largest score does not climb back.
+    store.imp[order[x]] = 100.0  # a middle-tier token that now leads
+    store.commit({"k": torch.randn(4, 16), "v": torch.randn(4, 16)}, torch.arange(16), torch.ones(16, dtype=torch.bool))
+    before = store.tier.clone()
+    store.read(16, torch.arange(16))
+    assert store.tier[order[x]] == 1 and bool((store.tier >= before).all())
+    mid, low = comp.forms(k)
+    mid_v, low_v = comp.forms(v)
+    for tier, kk, vv in ((0, k, v), (1, mid, mid_v), (2, low, low_v)):
+        sel = expect == tier
+        torch.testing.assert_close(rk[sel], kk[sel], rtol=0, atol=0)
+        torch.testing.assert_close(rv[sel], vv[sel], rtol=0, atol=0)
+    assert not torch.equal(mid, k) and not torch.equal(low, mid)
+
+
+def test_pyramid_refuses_policies_that_rank_by_attention_themselves():
+    for policy in ("h2o", "lru", "lru_plus", "ada_kv", "quest"):
+        with pytest.raises(ConfigError, match=f"policy={policy} with model.init_args.cache.compressor.name=pyramid"):
+            CacheConfig(policy=policy, budget=0.5, compressor=CompressorConfig(name="pyramid")).validate()

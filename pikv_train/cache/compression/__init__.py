@@ -8,10 +8,12 @@ from pikv_train.cache.compression.base import KVCompressor, Store, Versions
 from pikv_train.cache.compression.config import COMPRESSORS, CompressorConfig
 from pikv_train.cache.compression.kivi import QuantizedCompressor
 from pikv_train.cache.compression.lowrank import LoRACompressor, LoRaPlusPlusCompressor, SVDCompressor
+from pikv_train.cache.compression.pyramid import PyramidCompressor
 from pikv_train.cache.compression.think import PruningCompressor
 
 REGISTRY = {
     "quantized": QuantizedCompressor,
+    "pyramid": PyramidCompressor,
     "svd": SVDCompressor,
     "lora": LoRACompressor,
     "lora_plus": LoRaPlusPlusCompressor,
@@ -39,5 +41,5 @@ def build_compressor(cfg: CompressorConfig | dict | str | None, model_cfg) -> KV
 
 __all__ = [
     "COMPRESSORS", "CompressorConfig", "KVCompressor", "LoRACompressor", "LoRaPlusPlusCompressor", "PruningCompressor",
-    "QuantizedCompressor", "SVDCompressor", "Store", "Versions", "build_compressor",
+    "PyramidCompressor", "QuantizedCompressor", "SVDCompressor", "Store", "Versions", "build_compressor",
 ]

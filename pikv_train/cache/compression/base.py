@@ -34,30 +34,32 @@ def tensors_nbytes(obj) -> int:
 class Versions:
     """Training view of a versioned compressor: row t reads key/value j from exactly one block.
 
-    keys/values: per block (B, H_kv, T, hd); select: per block (T, T) bool, a partition of the causal (t, j)
-    pairs. key_q: (B, H_kv, T, hd) the stored (rounded) keys and key_cut (T,): row t reads keys j < key_cut[t]
-    in their stored form and the others at full precision (what a policy scores with).
+    keys/values: per block (B, H_kv, T, hd); select: per block (B|1, H_kv|1, T, T) bool, a partition of the
+    causal (t, j) pairs. Which stored form of key j row t reads is given either by a prefix rule (KIVI:
+    ``key_q`` (B, H_kv, T, hd) the stored keys, read for j < ``key_cut[t]``) or per pair (``key_index``
+    (B|1, H_kv|1, T, T) into ``keys``: MiKV's tiers).
     """
 
     keys: list[Tensor]
     values: list[Tensor]
     select: list[Tensor]
-    key_q: Tensor
-    key_cut: Tensor
+    key_q: Tensor | None = None
+    key_cut: Tensor | None = None
+    key_index: Tensor | None = None
 
     def expand_mask(self, mask: Tensor | None, t: int) -> Tensor:
         """(B|1, 1|H_kv, T, T) visibility (None: causal) -> (B|1, 1|H_kv, T, n_blocks * T) over the blocks."""
         if mask is None:
-            mask = torch.ones(t, t, dtype=torch.bool, device=self.key_q.device).tril()[None, None]
+            mask = torch.ones(t, t, dtype=torch.bool, device=self.keys[0].device).tril()[None, None]
         return torch.cat([mask & s for s in self.select], -1)
 
     def expand(self, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Keys (B, H_kv, nT, hd), values and mask over the concatenated blocks, for one SDPA call."""
-        t = self.key_q.shape[2]
+        t = self.keys[0].shape[2]
         return torch.cat(self.keys, 2), torch.cat(self.values, 2), self.expand_mask(mask, t)
 
     def keys_at(self, row: int, k: Tensor) -> Tensor:
-        """(…, T, hd) the keys as row ``row`` reads them (stored form below the cut, else full precision)."""
+        """(…, T, hd) the keys as row ``row`` reads them (prefix rule: stored form below the cut)."""
         j = torch.arange(k.shape[-2], device=k.device)
         return torch.where((j < self.key_cut[row])[:, None], self.key_q, k)
 
@@ -67,9 +69,15 @@ class Versions:
         to that layout (e.g. ``lambda x: x.double()[:, :, None]``)."""
         view = view or (lambda x: x)
         full = q @ k.transpose(-1, -2)
-        stored = q @ view(self.key_q.detach()).transpose(-1, -2)
         j = torch.arange(k.shape[-2], device=k.device)
-        return torch.where(j[None] < self.key_cut[rows][:, None], stored, full)
+        if self.key_index is None:
+            stored = q @ view(self.key_q.detach()).transpose(-1, -2)
+            return torch.where(j[None] < self.key_cut[rows][:, None], stored, full)
+        idx = view(self.key_index[..., rows, :]) if self.key_index.dim() == full.dim() else self.key_index[..., rows, :]
+        out = full
+        for i, kb in enumerate(self.keys[1:], start=1):
+            out = torch.where(idx == i, q @ view(kb.detach()).transpose(-1, -2), out)
+        return out
 
 
 def scoring_logits(versions: Versions | None, q: Tensor, k: Tensor, rows: Tensor, view=None) -> Tensor:

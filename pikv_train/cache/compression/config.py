@@ -42,6 +42,8 @@ class CompressorConfig:
     """Bytes per token as a fraction of the full-precision cache's; sets how many tokens each tier holds."""
     recent: int = 16
     """Most recent tokens always at full precision (MiKV keeps H2O's recent window in high precision)."""
+    tier_every: int = 16
+    """Tiers are re-decided every this many tokens (1 = at every token, as MiKV; larger is cheaper in training)."""
 
     # -- svd / lora / lora_plus
     rank: float = 0.25
@@ -73,6 +75,7 @@ class CompressorConfig:
         check_range(KEY + "byte_budget", self.byte_budget, lo=0, hi=1, lo_open=True,
                     fix=f"set {KEY}byte_budget in (0, 1]: bytes per token relative to full precision")
         check_range(KEY + "recent", self.recent, lo=0, fix=f"set {KEY}recent >= 0")
+        check_range(KEY + "tier_every", self.tier_every, lo=1, fix=f"set {KEY}tier_every >= 1 (1 = every token)")
         r = self.rank
         if not (r > 0) or (r > 1 and float(r) != int(r)):
             raise ConfigError(f"{KEY}rank={r} is out of range; use a fraction of head_dim in (0, 1] or a whole "

@@ -225,6 +225,11 @@ class CachePolicy(AttentionHook):
             return self.compressor.bytes_per_token_head(k.element_size(), self.reference_len or k.shape[2])
         return 2 * k.shape[-1] * k.element_size()
 
+    def held_mask(self, t: int, ctx) -> Tensor | None:
+        """(B|1, 1|H_kv, T, T) bool: keys j < t the deployed cache still holds when row t arrives (None: every
+        earlier key). Used by compressors that rank what a stream holds (MiKV's tiers)."""
+        return None
+
     # ------------------------------------------------------------------ inference
     def new_cache(self, n_layer: int, seq_len: int | None = None, sharding=None) -> "PolicyCache":
         """The inference cache driven by this policy (``generate(..., cache_factory=policy.new_cache)``);
@@ -428,6 +433,8 @@ class PolicyCache(KVCache):
             rows, keeps = self._step_b(layer_idx, sts, qb, k_all, p_all, n_old)
             for h, s in enumerate(sts):
                 r_h = rows[h] if self.allow is None else rows[h] & self.allow[h]
+                if hasattr(s["kv"], "observe"):  # a store that learns from the attention its rows pay (MiKV)
+                    s["kv"].observe(qb[h], k_all[h], r_h)
                 s["kv"].commit({n: c[bi, h][real] for n, c in codes.items()}, p_all[h], keeps[h])
                 s["pos"] = p_all[h][keeps[h]]
                 if member is not None:

@@ -130,6 +130,14 @@ class DuoAttentionScheduler(CachePolicy):
         gq = g.repeat_interleave(group)[None, :, None, None]  # (1, H, 1, 1)
         return gq * full + (1 - gq) * stream
 
+    def held_mask(self, t, ctx):
+        """What the deployed (hard-gated) cache holds: retrieval heads everything, streaming heads the sinks and
+        the window (also while the gates train soft: the cache is built from the hard gates)."""
+        stream = streaming_mask(t, self.budget_tokens(), self.cfg.n_sink, ctx.positions.device)
+        full = torch.ones(t, t, dtype=torch.bool, device=stream.device).tril()
+        retr = self.hard_gates()[ctx.layer_idx].to(stream.device)
+        return torch.where(retr[:, None, None], full, stream)[None]
+
     def mask_mod(self, q, k, ctx, budget):
         s, w = sink_window(budget, self.cfg.n_sink)
         retr = self.hard_gates()[ctx.layer_idx].to(q.device)

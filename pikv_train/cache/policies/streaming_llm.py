@@ -51,3 +51,7 @@ class StreamingLLMScheduler(CachePolicy):
     def mask_mod(self, q, k, ctx, budget):
         s, w = sink_window(budget, self.cfg.n_sink)
         return lambda b, h, qi, ki: (ki < s) | (qi - ki < w)
+
+    def held_mask(self, t, ctx):
+        """Row t arrives to the sinks and the window (the cache dropped the key leaving it after row t - 1)."""
+        return streaming_mask(t, self.budget_tokens(), self.cfg.n_sink, ctx.positions.device)[None, None]
