@@ -217,6 +217,8 @@ class CachePolicy(AttentionHook):
             ctx.stats[key] = v if prev is None or n == 0 else (prev * n + v) / (n + 1)
         stored = last.sum(1).mean() * self.bytes_per_token_head(k)
         ctx.stats["cache/bytes_stored"] = stored if n == 0 else ctx.stats.get("cache/bytes_stored", 0) + stored
+        if self.compressor is not None and n == 0:  # bytes per token vs the uncompressed cache (closed form)
+            self.compressor.log_stats(ctx.stats, k.element_size(), self.reference_len or t)
 
     def bytes_per_token_head(self, k: Tensor) -> float:
         """Cache bytes of one token's key + value in one kv-head, as its compressor stores them (FlexGen
