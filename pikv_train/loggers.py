@@ -99,8 +99,8 @@ class WandbLogger(_LightningWandbLogger):
             if not self._disabled:  # WANDB_MODE=disabled stays as it is
                 os.environ.setdefault("WANDB_MODE", "offline")
             log_model = False  # Lightning refuses log_model with offline=True
-        if not self._disabled:
-            Path(save_dir).mkdir(parents=True, exist_ok=True)
+        # save_dir is created when the W&B run starts (the first log call), not here: a run refused by the
+        # checks that follow the trainer's construction must not leave a new out_dir behind.
         super().__init__(
             name=name, save_dir=save_dir, project=project, offline=offline, log_model=log_model,
             version=version, prefix=prefix, **kwargs,
@@ -112,6 +112,8 @@ class WandbLogger(_LightningWandbLogger):
         if self._failed or self._disabled:
             return self._disabled_run()
         try:
+            if self._experiment is None and self.save_dir:
+                Path(self.save_dir).mkdir(parents=True, exist_ok=True)
             return super().experiment
         except Exception as e:  # noqa: BLE001 - any W&B failure must leave training alone
             if not self._offline:
