@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line (``error: ...``) instead of a traceback."""
 
+import os
+
 
 class UserError(Exception):
     """Bad input the user can fix; the message names the problem and the fix."""
@@ -51,6 +53,26 @@ def check_range(key: str, value, *, lo=None, hi=None, lo_open: bool = False, hi_
 
 
 _WARNED: dict[str, None] = {}  # insertion-ordered set of the warnings issued in this process
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def one_line_warnings() -> None:
+    """Show warnings raised in pikv_train as one line (``file:line: Category: message``), without the source
+    line Python adds below; other warnings keep their format. Installed over whatever format is current
+    (Lightning installs its own), once."""
+    import warnings
+
+    current = warnings.formatwarning
+    if getattr(current, "_pikv_one_line", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if str(filename).startswith(_PACKAGE_DIR + os.sep):
+            return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+        return current(message, category, filename, lineno, line)
+
+    formatwarning._pikv_one_line = True
+    warnings.formatwarning = formatwarning
 
 
 def warn_once(message: str) -> None:
@@ -60,6 +82,8 @@ def warn_once(message: str) -> None:
         return
     _WARNED[message] = None
     from lightning.pytorch.utilities import rank_zero_warn
+
+    one_line_warnings()
 
     rank_zero_warn(message, category=UserWarning)
 
