@@ -117,4 +117,4 @@ def fake_quantize(x: Tensor, bits: int = 4, group_size: int = 64) -> Tensor:
     """Quantize-dequantize with a straight-through gradient (training under the compressed cache)."""
     with torch.no_grad():
         xq = group_dequantize(group_quantize(x.detach(), bits, group_size))
-    return x + (xq - x).detach()
+    return xq + (x - x.detach())  # forward exactly the stored value (bf16 too), identity gradient

@@ -92,6 +92,12 @@ class CachePolicySwitch(L.Callback):
                     opt.state.pop(p, None)
                 g["params"] = [p for p in g["params"] if p.requires_grad]
         new = hook_param_groups(model)
+        hook_ids = {id(p) for ps in new.values() for p in ps}
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        for name, p in model.named_parameters():  # weights a compressor gave back (lora folded into kv_proj)
+            if p.requires_grad and id(p) not in held and id(p) not in hook_ids and not name.startswith(
+                    ("cache_policy.", "kv_sharding.")):
+                opt.param_groups[0 if p.ndim >= 2 else 1]["params"].append(p)
         for role, g in groups.items():
             for p in g["params"]:
                 opt.state.pop(p, None)

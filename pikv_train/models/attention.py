@@ -113,8 +113,7 @@ class CausalSelfAttention(nn.Module):
         if ctx is not None and getattr(ctx, "want_attention_probs", False) and cache is None:
             if mask is None and ctx.scratch.get("policy_dense_mask") is not None:
                 mask = ctx.scratch["policy_dense_mask"]()  # FlexAttention path: the same visibility, densely
-            ctx.attention_probs = attention_probs(q, k if versions is None else None, mask, self.n_head // self.n_kv_head,
-                                                  versions)
+            ctx.attention_probs = attention_probs(q, k, mask, self.n_head // self.n_kv_head, versions)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
@@ -135,16 +134,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int, ver
 
 
 @torch.no_grad()
-def attention_probs(q: Tensor, k: Tensor | None, mask: Tensor | None, group: int, versions=None) -> Tensor:
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None, group: int, versions=None) -> Tensor:
     """Dense no-grad attention probabilities (B, H, T, T) under ``mask`` (causal when None), over the keys as
-    each row reads them (``versions``: a versioned compressor's stored forms; then ``k`` is None).
+    each row reads them (``versions``: a versioned compressor's stored forms; ``k`` the exact keys).
 
     Used for detached training targets (PiKVRouter's importance head); never in the forward output.
     """
     t = q.shape[2]
     if versions is not None:  # the keys as each row reads them (stored form below the row's cut)
         rep = lambda x: (x.repeat_interleave(group, dim=1) if group > 1 else x).float()  # noqa: E731
-        scores = versions.logits(q.float(), rep(versions.keys[-1]), torch.arange(t, device=q.device), rep)
+        scores = versions.logits(q.float(), rep(k), torch.arange(t, device=q.device), rep)
         scores = scores * q.shape[-1] ** -0.5
     else:
         kk = k.repeat_interleave(group, dim=1) if group > 1 else k

@@ -108,6 +108,9 @@ class Decoder(nn.Module):
     def set_cache_policy(self, policy: AttentionHook | None) -> None:
         """Train / evaluate under a cache scheduling policy hook (None = full attention). A policy whose
         fractional budget has no fixed reference length yet takes the model's ``max_seq_len``."""
+        old = self.cache_policy
+        if old is not None and old is not policy and hasattr(old, "detach"):
+            old.detach(self)  # e.g. a trained low-rank latent folds back into the K/V projection
         if policy is not None and hasattr(policy, "bind"):
             policy.bind(self.cfg)
         self.cache_policy = policy

@@ -171,6 +171,18 @@ class TaskBase(L.LightningModule):
         # The cache policy active now (it may differ from the configured one after CachePolicySwitch).
         policy = self.student_model.cache_policy
         checkpoint["pikv_cache_policy"] = None if policy is None else asdict(policy.cfg)
+        comp = getattr(policy, "compressor", None)
+        sd = checkpoint.get("state_dict")
+        if comp is not None and sd is not None:
+            # A trained latent (lora) is folded into the K/V projection the checkpoint carries, so a teacher,
+            # student_init or evaluation that reads only the model's weights sees the trained K/V.
+            model = self.student_model
+            comp.fold(model)
+            prefix = next(n for n, m in self.named_modules() if m is model)
+            for name, t in model.state_dict().items():
+                key = f"{prefix}.{name}"
+                if name.endswith("attn.kv_proj.weight") and key in sd:
+                    sd[key] = t.detach().clone()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming a fit (or ``load_from_checkpoint``): re-attach the policy the run was using (it may
@@ -201,7 +213,7 @@ class TaskBase(L.LightningModule):
             comp = getattr(model.cache_policy, "compressor", None)
             derived = {}
             if comp is not None and hasattr(comp, "state_from_weights") and not any(
-                    k.startswith(prefix + "compressor.") for k in sd):
+                    prefix + "compressor." + n in sd for n, _ in comp.named_parameters()):
                 derived = {f"{prefix}compressor.{n}": t for n, t in
                            comp.state_from_weights(sd, prefix[: -len("cache_policy.")]).items()}
             own = {prefix + n: t for n, t in own.items()}

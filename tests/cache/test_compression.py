@@ -19,6 +19,7 @@ from pikv_train.errors import ConfigError
 from pikv_train.models import Decoder, ModelConfig
 from pikv_train.models.layers import apply_rotary
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # token-by-token decoding: many tiny ops
 T = 40
 SETTINGS = {
     "quantized": dict(name="quantized", bits=2, group_size=4, residual=8),
@@ -374,3 +375,83 @@ def test_pyramid_refuses_policies_that_rank_by_attention_themselves():
     for policy in ("h2o", "lru", "lru_plus", "ada_kv", "quest"):
         with pytest.raises(ConfigError, match=f"policy={policy} with model.init_args.cache.compressor.name=pyramid"):
             CacheConfig(policy=policy, budget=0.5, compressor=CompressorConfig(name="pyramid")).validate()
+
+
+def test_versioned_compressors_never_take_the_flexattention_path():
+    """FlexAttention (CUDA) cannot read MiKV's / KIVI's stored forms: the policy builds its mask densely and SDPA
+    runs over the forms, whatever ``use_flex`` says."""
+    for comp in (dict(name="pyramid", group_size=16, recent=4, tier_every=4, byte_budget=0.6), SETTINGS["quantized"]):
+        model = _model(comp, policy="streaming_llm", budget=0.5, n_sink=2, reference_len=64)
+        x = _ids()
+        with torch.no_grad():
+            ref = model(x).hidden
+            model.cache_policy.use_flex = True
+            torch.testing.assert_close(model(x).hidden, ref, rtol=0, atol=0)
+
+
+def test_leaving_lora_folds_the_trained_latent_into_the_projection_and_trains_it_again():
+    from types import SimpleNamespace
+
+    from pikv_train.callbacks import CachePolicySwitch
+    from pikv_train.tasks.base import OptimConfig, build_optimizer
+
+    model = _model(dict(name="lora", rank=0.5))
+    comp = model.cache_policy.compressor
+    with torch.no_grad():
+        comp.up_k.add_(0.05 * torch.randn_like(comp.up_k))  # "trained" factors, away from the SVD start
+    opt = build_optimizer(model, OptimConfig(), 10)["optimizer"]
+    x = _ids()
+    with torch.no_grad():
+        under_lora = model(x).hidden
+    w = model.blocks[0].attn.kv_proj.weight
+    assert not w.requires_grad and all(w is not p for g in opt.param_groups for p in g["params"])
+    cb = CachePolicySwitch(at_step=1, cache=CacheConfig())
+    cb.on_train_batch_start(SimpleNamespace(global_step=1, optimizers=[opt]), SimpleNamespace(student_model=model), None, 0)
+    assert model.cache_policy is None and w.requires_grad
+    assert any(w is p for p in opt.param_groups[0]["params"])  # back in the decayed group
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).hidden, under_lora, rtol=1e-4, atol=1e-5)  # the fold is exact
+
+
+def test_think_does_not_calibrate_on_evaluation_batches():
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=64, max_seq_len=64)
+    model = Decoder(cfg)
+    model.set_cache_policy(build_policy(CacheConfig(compressor=SETTINGS["pruning"]), cfg))
+    comp = model.cache_policy.compressor
+    model.eval()
+    with pytest.warns(UserWarning, match="not calibrated yet"), torch.no_grad():
+        model(_ids())  # e.g. Lightning's sanity check
+    assert not bool(comp.calibrated.any())
+    model.train()
+    model(_ids(seed=9))
+    assert bool(comp.calibrated.all())
+
+
+def test_rounding_compressors_read_exactly_what_the_cache_stores_in_bf16():
+    cfg = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, d_model=32, d_ff=16)
+    comp = QuantizedCompressor(CompressorConfig(name="quantized", bits=2, group_size=4, residual=4), cfg)
+    k = torch.randn(1, 1, 16, 16, dtype=torch.bfloat16, requires_grad=True)
+    ver = comp.versions(0, k, k)
+    assert torch.equal(ver.keys[0], comp.quantized_keys(k))  # no double rounding through the STE
+
+
+def test_attention_targets_under_pyramid_read_each_key_in_its_tier():
+    from pikv_train.models.attention import attention_probs
+
+    model = _model(dict(name="pyramid", group_size=16, recent=2, tier_every=4, byte_budget=0.5))
+    comp, attn = model.cache_policy.compressor, model.blocks[0].attn
+    with torch.no_grad():
+        h = model.blocks[0].attn_norm(model.embed(_ids()))
+        cos, sin = model.rotary(torch.arange(T).expand(2, T))
+        q, k, v = attn.project(h, cos, sin)
+        ver = comp.versions(0, k, v, q=q)
+        probs = attention_probs(q, k, None, 2, ver)
+        forms = torch.stack([k, *comp.forms(k)])  # (3, B, H_kv, T, hd)
+        idx = ver.key_index.long()  # (B, H_kv, T, T)
+        f = forms.permute(1, 2, 3, 0, 4)  # (B, H_kv, T (key j), 3 forms, hd)
+        bi, hi = torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None]
+        kk = f[bi, hi, torch.arange(T)[None, None, None, :], idx]  # (B, H_kv, T (row t), T (key j), hd)
+        logits = torch.einsum("bhgtd,bhtjd->bhgtj", q.view(2, 2, 2, T, -1), kk) / k.shape[-1] ** 0.5
+        expect = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1).flatten(1, 2)
+    assert int((idx > 0).sum()) > 0
+    torch.testing.assert_close(probs, expect, rtol=1e-4, atol=1e-6)

@@ -150,6 +150,12 @@ class KVCompressor(nn.Module):
     def attach(self, model) -> None:
         """Called when the policy holding this compressor is set on ``model`` (e.g. SVD initialisation)."""
 
+    def detach(self, model) -> None:
+        """Called when the policy holding this compressor leaves ``model`` (e.g. fold trained factors back)."""
+
+    def fold(self, model) -> None:
+        """Called before a checkpoint is written: write what the model's own weights should hold."""
+
     # ------------------------------------------------------------------ both passes
     def kv(self, layer_idx: int, attn, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, dict]:
         """Keys (B, H_kv, T, hd) rotated and values as reads see them, and the codes to store

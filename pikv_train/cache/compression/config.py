@@ -64,11 +64,12 @@ class CompressorConfig:
         if self.group_size % 4:
             raise bad_value(KEY + "group_size", self.group_size, "must be a multiple of 4 (2-bit codes fill bytes)",
                             f"set {KEY}group_size to a multiple of 4 (KIVI: 32)")
-        check_range(KEY + "residual", self.residual, lo=self.group_size,
-                    fix=f"set {KEY}residual to a multiple of group_size={self.group_size} (KIVI: 128)")
-        if self.residual % self.group_size:
-            raise bad_value(KEY + "residual", self.residual, f"must be a multiple of group_size={self.group_size}",
-                            f"set {KEY}residual to a multiple of {self.group_size}")
+        if self.name == "quantized":
+            check_range(KEY + "residual", self.residual, lo=self.group_size,
+                        fix=f"set {KEY}residual to a multiple of group_size={self.group_size} (KIVI: 128)")
+            if self.residual % self.group_size:
+                raise bad_value(KEY + "residual", self.residual, f"must be a multiple of group_size={self.group_size}",
+                                f"set {KEY}residual to a multiple of {self.group_size}")
         if len(self.pyramid_bits) != 2 or any(b not in (2, 4, 8) for b in self.pyramid_bits):
             raise bad_value(KEY + "pyramid_bits", list(self.pyramid_bits), "two of 2, 4, 8",
                             f"set {KEY}pyramid_bits e.g. [4, 2]")
@@ -87,10 +88,16 @@ class CompressorConfig:
         return self
 
     def rank_for(self, head_dim: int) -> int:
-        """The latent rank in channels for a head dimension."""
+        """The latent rank in channels for a head dimension (a fraction <= 1, or a count > 1)."""
         r = int(self.rank) if self.rank > 1 else max(1, round(self.rank * head_dim))
         if r > head_dim:
             raise ConfigError(f"{KEY}rank={self.rank} exceeds head_dim={head_dim}; lower {KEY}rank")
+        if r == head_dim:
+            import warnings
+
+            warnings.warn(f"{KEY}rank={self.rank} keeps all {head_dim} channels of a head: the latent stores as many "
+                          f"bytes as the keys/values (rank <= 1 is a fraction of head_dim); lower {KEY}rank",
+                          stacklevel=2)
         return r
 
     @classmethod

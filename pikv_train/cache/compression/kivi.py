@@ -38,7 +38,8 @@ from pikv_train.errors import ConfigError
 
 
 def _ste(x: Tensor, xq: Tensor) -> Tensor:
-    return x + (xq - x).detach()
+    """Forward exactly ``xq`` (the value the cache stores, in any dtype), gradient the identity."""
+    return xq + (x - x.detach())
 
 
 class KIVIStore(Store):

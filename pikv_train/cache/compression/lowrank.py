@@ -11,11 +11,17 @@ so that the latent carries no position), values ``h B^T``.
   approximation of W. Recomputed whenever the weights change, so a student trained under ``svd`` trains W
   through the rank-r projection (the gradient reaches W through A; U_r is held fixed within a step). Palu
   fuses B into the output projection for values and uses grouped-head SVD with a Walsh-Hadamard transform
-  for its quantized variant; neither changes what is stored per token and neither is done here.
+  for its quantized variant; neither changes what is stored per token and neither is done here. Palu also
+  whitens the SVD with calibration activations (SVD-LLM's Cholesky factor) and searches per-layer ranks by
+  Fisher information; here the SVD is of W itself (the best rank-r approximation of the weights, not of the
+  activations) with one rank everywhere, a weaker training-free baseline.
 * ``lora``: A and B are trainable parameters of the student, initialised from the SVD when the compressor is
   attached (balanced: B = U_r S_r^1/2, A = S_r^1/2 V_r^T) and trained with it; the model's own K/V projection
   is frozen and unused while the latent is on (MHA2MLA, Ji et al. 2025, fine-tunes an SVD-initialised
-  latent the same way).
+  latent the same way). When the latent leaves the model (another compressor is set) and whenever a checkpoint
+  is written, B A is folded into the K/V projection (exact), so every path that reads only the model's weights
+  (a teacher or ``student_init`` from this checkpoint, evaluation under another compressor) sees the trained
+  K/V.
 * ``lora_plus``: ``lora`` whose up-projections B train at ``lora_plus_ratio`` (16) times the learning rate of
   A (LoRA+, Hayou et al., ICML 2024): the optimizer gives them their own parameter group.
 """
@@ -139,6 +145,24 @@ class LoRACompressor(SVDCompressor):
         the SVD initialisation of that checkpoint's own K/V projections, keyed like ``state_dict()``."""
         ws = [state_dict[f"{model_prefix}blocks.{i}.attn.kv_proj.weight"] for i in range(self.n_layer)]
         return self.factors_from(ws)
+
+    @torch.no_grad()
+    def detach(self, model) -> None:
+        """Leaving the model (another policy/compressor set, or a checkpoint written): fold the trained latent into
+        the K/V projection (exact: K = RoPE(B A x), so W_k <- B A) and make the projection trainable again, so no
+        path that drops the factors reverts to stale weights."""
+        self.fold(model)
+        for blk in model.blocks:
+            blk.attn.kv_proj.weight.requires_grad_(True)
+
+    @torch.no_grad()
+    def fold(self, model) -> None:
+        """Write B A into each layer's kv_proj weight (the projection is unused while the latent is on)."""
+        n, hd = self.n_kv_head, self.head_dim
+        for i, blk in enumerate(model.blocks):
+            w = blk.attn.kv_proj.weight
+            w[: n * hd].copy_((self.up_k[i] @ self.down_k[i]).reshape(n * hd, -1))
+            w[n * hd:].copy_((self.up_v[i] @ self.down_v[i]).reshape(n * hd, -1))
 
     def param_groups(self) -> tuple[list, list]:
         """(down-projections, up-projections) for the optimizer's compressor groups."""

@@ -57,7 +57,8 @@ def assign_tiers(imp: Tensor, tier: Tensor, cand: Tensor, x: Tensor, tiebreak: T
 
 
 def _ste(x: Tensor, xq: Tensor) -> Tensor:
-    return x + (xq - x).detach()
+    """Forward exactly ``xq`` (the value the cache stores, in any dtype), gradient the identity."""
+    return xq + (x - x.detach())
 
 
 class PyramidCompressor(KVCompressor):
@@ -74,6 +75,14 @@ class PyramidCompressor(KVCompressor):
         if self.group * min(self.hi, self.lo) % 8:
             raise ConfigError(f"model.init_args.cache.compressor: groups of {self.group} channels x {self.lo} bits do "
                               "not fill whole bytes; use a head_dim that is a multiple of 4")
+        full, _, low = self.token_bytes(4)
+        if cfg.byte_budget < low / full:
+            import warnings
+
+            warnings.warn(f"cache.compressor.byte_budget={cfg.byte_budget} is below the lowest tier's size "
+                          f"({low / full:.3f} of full precision): every token outside the recent window goes to the "
+                          f"lowest tier and the cache holds more than the budget; raise byte_budget above "
+                          f"{low / full:.3f}", stacklevel=2)
 
     def attach(self, model) -> None:
         sh = getattr(model, "kv_sharding", None)
@@ -102,9 +111,16 @@ class PyramidCompressor(KVCompressor):
         return torch.minimum(x, torch.div(n_cand, 2, rounding_mode="floor").double()).long()
 
     def bytes_per_token_head(self, element_size, context):
-        """KV bytes per token once the tiers follow the budget (at most ``byte_budget`` of full precision), plus
-        the float64 importance score each held token keeps."""
-        return self.cfg.byte_budget * self.token_bytes(element_size)[0] + 8
+        """Bytes per token of a ``context``-token stream just before a decision, in closed form: the byte budget
+        (or, below it, the floor of every candidate at the lowest tier and the recent window at full precision)
+        for the tokens decided at the last decision, the up to ``tier_every`` tokens since then at full
+        precision, and per token its float64 importance and int8 tier."""
+        full, _, low = self.token_bytes(element_size)
+        n, c, r = context, min(self.cfg.tier_every, context), min(self.cfg.recent, context)
+        decided = n - c
+        floor = (min(r, decided) * full + max(0, decided - r) * low) / max(decided, 1)
+        kv = decided * max(self.cfg.byte_budget * full, floor) + c * full
+        return kv / n + 8 + 1
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
@@ -150,7 +166,7 @@ class PyramidCompressor(KVCompressor):
         v1, v2 = self.forms(v)
         tier_c, starts = self.tiers(q, k, vis, held, [k, k1, k2])
         row_chunk = torch.div(torch.arange(t, device=k.device), self.cfg.tier_every, rounding_mode="floor")
-        index = tier_c[:, :, row_chunk]  # (B, H_kv, T, T): the tier row t reads key j in
+        index = tier_c.to(torch.int8)[:, :, row_chunk]  # (B, H_kv, T, T): the tier row t reads key j in
         return Versions(keys=[k, _ste(k, k1), _ste(k, k2)], values=[v, _ste(v, v1), _ste(v, v2)],
                         select=[causal & (index == i) for i in range(3)], key_index=index)
 

@@ -10,7 +10,13 @@ queries, which in a training forward would let early rows depend on later querie
 (layer, kv-head), calibrated on training data: the first training forward of each layer (or
 :meth:`PruningCompressor.calibrate`) accumulates the channel scores over every row of its batch (summed over
 the query heads of a kv-head and, under DDP, over ranks) and fixes the top ``keep_channels`` fraction. It is a
-buffer, so checkpoints carry it. Channels are post-RoPE key channels, as in ThinK.
+buffer, so checkpoints carry it. Channels are post-RoPE key channels, as in ThinK. An evaluation before calibration (Lightning's sanity check)
+keeps the first channels of each head, with a warning, and does not calibrate: only training data does.
+
+Deviations from ThinK's code (SalesforceAIResearch/ThinK, ``key_pruner_query_driven``) besides the static
+choice: ThinK scores with each prompt's last 32 queries and keeps the last 32 prompt keys and every decoded key
+unpruned; here every key is pruned (training has no prompt/decode split), and the score sums over every row of
+the calibration batch.
 """
 
 from __future__ import annotations
@@ -53,12 +59,15 @@ class PruningCompressor(KVCompressor):
         self.calibrated[layer_idx] = True
 
     def kv(self, layer_idx, attn, x, cos, sin):
-        q, k, v = attn.project(x, cos, sin)
+        k, v = attn.project_kv(x, cos, sin)
         if not bool(self.calibrated[layer_idx]):
-            if not self.training:
-                warnings.warn("compressor pruning: layer channels calibrated on an evaluation batch; call "
-                              "PruningCompressor.calibrate(model, batch) on training data first", stacklevel=2)
-            self.set_channels(layer_idx, self.channel_scores(q, k))
+            if self.training:  # the first training forward chooses the channels, once
+                self.set_channels(layer_idx, self.channel_scores(attn.project_q(x, cos, sin), k))
+            elif not getattr(self, "_warned", False):  # e.g. Lightning's sanity check before the first step
+                self._warned = True
+                warnings.warn("compressor pruning: channels not calibrated yet, so this evaluation keeps the first "
+                              f"{self.n_keep} channels of each head; they are chosen by the first training forward, "
+                              "or call PruningCompressor.calibrate(model, batch) on training data", stacklevel=2)
         idx = self.channels[layer_idx]  # (H_kv, n_keep)
         mask = torch.zeros(self.n_kv_head, self.head_dim, dtype=torch.bool, device=k.device)
         mask.scatter_(1, idx.to(k.device), True)

@@ -93,6 +93,11 @@ class CachePolicy(AttentionHook):
         if self.compressor is not None:
             self.compressor.attach(model)
 
+    def detach(self, model) -> None:
+        """Called by ``Decoder.set_cache_policy`` when another policy replaces this one."""
+        if self.compressor is not None:
+            self.compressor.detach(model)
+
     # ------------------------------------------------------------------ budget
     def budget_tokens(self, seq_len: int | None = None) -> int:
         """The budget in tokens: against ``seq_len`` if given, else the fixed reference length."""
@@ -161,7 +166,8 @@ class CachePolicy(AttentionHook):
             self._warn_inert(budget)
             self.log_stats(ctx, None, budget, k)
             return None
-        if self._flex(q) and getattr(ctx, "prior_mask", None) is None and getattr(ctx, "versions", None) is None:
+        versioned = getattr(ctx, "versions", None) is not None or getattr(self.compressor, "versioned", False)
+        if self._flex(q) and getattr(ctx, "prior_mask", None) is None and not versioned:
             # The mask is built as a FlexAttention block mask in ``attend``; statistics from the same mask_mod.
             mm = self.mask_mod(q, k, ctx, budget)
             ctx.scratch["policy_mask_mod"] = mm
@@ -177,7 +183,7 @@ class CachePolicy(AttentionHook):
     def attend(self, q, k, v, mask, ctx):
         # FlexAttention only when ``training_mask`` left the mask to it; with another hook's dense mask
         # (sharding) ours was built densely and ANDed in already, and SDPA runs the result.
-        if not self._flex(q) or mask is not None or "policy_mask_mod" not in ctx.scratch:
+        if not self._flex(q) or mask is not None or "policy_mask_mod" not in ctx.scratch or ctx.versions is not None:
             return None
         from pikv_train.cache.policies.flex import flex_attend
 
