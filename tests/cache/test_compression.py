@@ -271,6 +271,10 @@ def test_a_run_switches_to_lora_mid_run_and_resumes_with_its_factors_and_optimiz
     saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=3.ckpt", weights_only=True)
     assert saved["pikv_cache_policy"]["compressor"]["name"] == "lora"
     at_3 = saved["state_dict"]["model.cache_policy.compressor.up_k"]
+    # The checkpoint's own K/V projection holds the folded latent (what student_init / a teacher load reads).
+    up, down = at_3[0], saved["state_dict"]["model.cache_policy.compressor.down_k"][0]
+    folded = (up @ down).reshape(-1, down.shape[-1])  # (H_kv * hd, d)
+    torch.testing.assert_close(saved["state_dict"]["model.blocks.0.attn.kv_proj.weight"][: folded.shape[0]], folded)
     task2, trainer2 = fit(4, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
     assert not torch.equal(at_3, ref)  # the factors trained after the switch
     torch.testing.assert_close(task2.model.cache_policy.compressor.up_k.detach(), ref)  # the same step 4

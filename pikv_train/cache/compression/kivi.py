@@ -23,7 +23,8 @@ quantizes afterwards; here a prompt follows the decode rule row by row (the cach
 steps). (b) With an evicting cache policy, a key group's min/max covers every key of the group that was ever
 written (the cache keeps a running per-channel min/max of the open group), so evicting a member before the
 group is quantized does not change the other members' codes; KIVI has no eviction. (c) A value group
-longer than head_dim is cut to head_dim.
+longer than head_dim is cut to head_dim; when head_dim is not a multiple of the group, the last group is padded
+with zeros that take part in its min/max (FlexGen's rule), where KIVI requires a multiple.
 """
 
 from __future__ import annotations
