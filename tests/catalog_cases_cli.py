@@ -4,8 +4,6 @@ resume / predict honesty and the run lock (see tests/test_bad_input_catalog.py f
 from __future__ import annotations
 
 import json
-
-import socket
 import subprocess
 import sys
 
@@ -54,15 +52,25 @@ def _last_without_checkpoint(tmp, recipe, ckpt, distill):
         "--ckpt_path last: no checkpoint to resume in"
 
 
+_HOLD_LOCK = """
+import sys, time
+from pikv_train.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
 def _held_lock(tmp, recipe, ckpt, distill):
-    # a live process holds the lock of another folder (the run folder itself must stay byte-identical)
+    # a live run holds the lock of another folder (the run folder itself must stay byte-identical)
+    from conftest import ROOT, cli_env
+
     folder = tmp / "locked"
-    folder.mkdir(exist_ok=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    (folder / ".pikv.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
-                                                    "started": "2026-01-01T00:00:00+00:00"}))
-    _SLEEPERS.append(sleeper)
-    return _fit(recipe, "--out_dir", str(folder)), f"is held by pid {sleeper.pid}"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], cwd=ROOT, env=cli_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    _SLEEPERS.append(holder)
+    assert holder.stdout.readline().strip() == "held"
+    return _fit(recipe, "--out_dir", str(folder)), f"is held by pid {holder.pid}"
 
 
 _SLEEPERS: list = []
@@ -99,6 +107,38 @@ def _without_weights(sub):
     return lambda tmp, recipe, ckpt, distill: ([sub, "--config", str(recipe)],
                                                f"{sub} without --ckpt_path would run on random (untrained) weights")
 
+
+def _kd(*args):
+    return lambda tmp, recipe, ckpt, distill: [FIT, "--config", str(distill(str(ckpt))), *args]
+
+
+def _last_or_new_without_checkpoint(sub):
+    def build(tmp, recipe, ckpt, distill):
+        return [sub, "--config", str(recipe), "--out_dir", str(tmp / f"{sub}_fresh"), "--ckpt_path", "last_or_new"], \
+            f"{sub} --ckpt_path last_or_new: no checkpoint in {tmp / f'{sub}_fresh' / 'checkpoints'}, so {sub} would " \
+            "run on random (untrained) weights"
+    return build
+
+
+def _last_without_dirpath(tmp, recipe, ckpt, distill):
+    # a ModelCheckpoint without dirpath saves into <default_root_dir>/checkpoints = out_dir/checkpoints
+    callbacks = write(tmp / "no_dirpath.yaml", """
+        trainer:
+          callbacks:
+          - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+            init_args: {save_last: true}
+        """)
+    return _fit(recipe, "--config", str(callbacks), "--out_dir", str(tmp / "no_dirpath"), "--ckpt_path", "last"), \
+        f"--ckpt_path last: no checkpoint to resume in {tmp / 'no_dirpath' / 'checkpoints'};"
+
+
+def _missing_hf_teacher(tmp, recipe, ckpt, distill):
+    return _fit(distill(str(ckpt)), "--model.init_args.teacher.checkpoint", "null",
+                "--model.init_args.teacher.hf_path", str(tmp / "no_such_hf_model")), \
+        f"model.init_args.teacher.hf_path: Hugging Face model folder not found: '{tmp / 'no_such_hf_model'}'"
+
+
+SHARDING = "--model.init_args.kv_sharding."
 
 CASES = {
     "cli_accumulate_grad_batches_zero": _trainer("accumulate_grad_batches", "0"),
@@ -142,6 +182,23 @@ CASES = {
     "cli_validate_without_weights": _without_weights("validate"),
     "cli_test_without_weights": _without_weights("test"),
     "cli_out_dir_locked_by_live_run": _held_lock,
+    # a dash-prefixed number that argparse does not read as one (an exponent) is still a value
+    "cli_negative_lr_with_exponent": lambda tmp, recipe, ckpt, distill: (
+        _fit(recipe, "--model.init_args.optim.lr", "-1e-3"), "model.init_args.optim.lr=-0.001 is invalid"),
+    # a fresh fit into a folder that holds a run (the catalog's run folder: checkpoints/last.ckpt)
+    "cli_fresh_fit_into_a_run": lambda tmp, recipe, ckpt, distill: (
+        _fit(recipe), f"{tmp / 'run'} already holds a run (checkpoints/last.ckpt); resume with --ckpt_path last, "
+                      "or choose another --out_dir / delete it"),
+    "cli_validate_last_or_new_without_checkpoint": _last_or_new_without_checkpoint("validate"),
+    "cli_predict_last_or_new_without_checkpoint": _last_or_new_without_checkpoint("predict"),
+    "cli_resume_last_checkpoint_callback_without_dirpath": _last_without_dirpath,
+    "cli_teacher_hf_path_missing": _missing_hf_teacher,
+    "cli_kv_sharding_read_shards_zero": lambda tmp, recipe, ckpt, distill: (
+        _kd(SHARDING + "enabled", "true", SHARDING + "read_mode", "by_score", SHARDING + "read_shards", "0")(
+            tmp, recipe, ckpt, distill), "model.init_args.kv_sharding.read_shards=0 must be between 1 and n_shards=4"),
+    "cli_kv_sharding_window_negative": lambda tmp, recipe, ckpt, distill: (
+        _kd(SHARDING + "enabled", "true", SHARDING + "window", "-1")(tmp, recipe, ckpt, distill),
+        "model.init_args.kv_sharding.window=-1 must be >= 1"),
 }
 
 

@@ -52,7 +52,7 @@ CASES = {
                             expected="kd_weight and model.init_args.loss.ce_weight are both 0"),
     "loss_chunk_size_zero": _kd(M + "loss.chunk_size", "0", expected="model.init_args.loss.chunk_size=0 is invalid: must be >= 1"),
     # model architecture
-    "model_zero_heads": _lm(M + "model.n_head", "0", expected="model.init_args.{model|student}.n_head=0 is invalid"),
+    "model_zero_heads": _lm(M + "model.n_head", "0", expected="model.init_args.model.n_head=0 is invalid"),
     "model_zero_layers": _lm(M + "model.n_layer", "0", expected=".n_layer=0 is invalid: must be >= 1"),
     "model_zero_vocab": _lm(M + "model.vocab_size", "0", expected=".vocab_size=0 is invalid: must be >= 1"),
     "model_zero_positions": _lm(M + "model.max_seq_len", "0", expected=".max_seq_len=0 is invalid: must be >= 1"),
@@ -61,7 +61,7 @@ CASES = {
                                        expected=".n_kv_head=3 is invalid: must divide n_head=4"),
     # router
     "router_top_k_zero": _kd(M + "student.moe.router.top_k", "0",
-                             expected="moe.router.top_k=0 is invalid: must be >= 1; set model.init_args.{model|student}.moe.router.top_k to at least 1"),
+                             expected="model.init_args.student.moe.router.top_k=0 is invalid: must be >= 1; set model.init_args.student.moe.router.top_k to at least 1"),
     "router_zero_experts": _kd(M + "student.moe.n_experts", "0", expected="moe.n_experts=0 is invalid: must be >= 1"),
     "router_capacity_factor_zero": _kd(M + "student.moe.router.capacity_factor", "0",
                                        expected="moe.router.capacity_factor=0.0 is invalid: must be > 0"),

@@ -72,3 +72,32 @@ def assert_close_rel(actual, expected, tol: float) -> None:
 
     scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=0, atol=tol * scale)
+
+
+def tiny_hf_teacher(folder: Path, vocab_size: int = 300) -> Path:
+    """A randomly initialised 2-layer Hugging Face Llama with a byte-level BPE tokenizer of ``vocab_size``
+    tokens trained on the embedded documents, saved with save_pretrained into ``folder``."""
+    import tokenizers
+    import torch
+    import transformers
+
+    from pikv_train.data import embedded_documents
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(
+        [d["text"] for d in embedded_documents(8)],
+        tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>", "<pad>"],
+                                       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>",
+                                               pad_token="<pad>")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

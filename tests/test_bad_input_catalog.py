@@ -1,5 +1,7 @@
 """The README's catalog of bad input: each case exits with status 2, prints one line naming the problem
-and the fix, and leaves an existing run folder exactly as it was (nothing on disk is lost)."""
+and the fix (and nothing else on stderr: not the resolved config, not Lightning's info lines), leaves an
+existing run folder exactly as it was (nothing on disk is lost) and creates no folder (a case pointing
+out_dir at a new folder must not leave it behind)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,16 @@ import pytest
 import torch
 from helpers import lm_recipe, run_cli, write
 
+from conftest import cli_env
+
 
 def _snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def _folders(folder: Path) -> set[str]:
+    """Every folder under ``folder`` (the cases' inputs are files; a new folder is output of a refused run)."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_dir()}
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +146,14 @@ def test_bad_input_gives_one_line_and_loses_nothing(name, trained):
                                      lambda teacher: _distill_recipe(tmp, teacher))
     else:
         args, expected = _case(name, tmp, recipe)
-    proc = run_cli(*args)
+    folders = _folders(tmp)
+    env = cli_env()
+    env.pop("PIKV_QUIET_CONFIG")  # the resolved config is printed only once the checks have passed
+    proc = run_cli(*args, env=env)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert lines and lines[-1].startswith("error: ") and expected in lines[-1], lines[-1:]
     assert "Traceback" not in proc.stderr
+    assert lines == lines[-1:], f"stderr holds more than the error line: {lines[:-1][:5]}"
     assert _snapshot(tmp / "run") == before, "the run folder changed"
+    assert _folders(tmp) == folders, f"folders created: {sorted(_folders(tmp) - folders)}"

@@ -125,6 +125,11 @@ def test_predict_writes_completions_and_whole_number_limits_count_batches(tmp_pa
         ppl[policy] = float(re.search(r"val/ppl\W+([0-9.]+)", proc.stdout).group(1))
         assert ("from the checkpoint" if policy == "own" else "as given") in proc.stderr
     assert abs(ppl["streaming_llm"] - ppl["full"]) > 1e-3 and ppl["own"] == ppl["streaming_llm"]
+    # --ckpt_path last behaves as the file it resolves to: the checkpoint's policy when none is given
+    proc = run_cli("validate", "--config", str(recipe), "--ckpt_path", "last")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cache policy streaming_llm (from the checkpoint)" in proc.stderr
+    assert float(re.search(r"val/ppl\W+([0-9.]+)", proc.stdout).group(1)) == ppl["own"]
 
 
 def test_console_script_is_declared():
@@ -202,3 +207,180 @@ def test_missing_building_block_names_the_file_and_where_it_was_looked_for(tmp_p
         main(["fit", "--config", "recipes/debug.yaml", "--model.init_args.model", "configs/model/none.yaml"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "config file not found: 'configs/model/none.yaml' (named by --model.init_args.model on the command line)" in line
+
+
+# --------------------------------------------------------------------------- resume, evaluate, folders (issue 12)
+NO_LOGGER = ("--trainer.logger", "false")
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    """A finished 2-step MoE LanguageModelTask run; tests copy its folder (``_copy_run``)."""
+    tmp = tmp_path_factory.mktemp("moe_run")
+    recipe = lm_recipe(tmp, "run", steps=2)
+    proc = run_cli("fit", "--config", str(recipe), *NO_LOGGER)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run"
+
+
+def _copy_run(moe_run: Path, tmp: Path, name: str) -> Path:
+    """``moe_run`` copied to tmp/name, with a recipe tmp/name.yaml writing into it (a copied run is not for
+    resuming: Lightning, seeing another checkpoint folder, saves the next last checkpoint as last-v1.ckpt)."""
+    import shutil
+
+    shutil.copytree(moe_run, tmp / name)
+    return lm_recipe(tmp, name, steps=2)
+
+
+def _warnings_about_the_checkpoint(proc) -> list[str]:
+    return [ln for ln in proc.stderr.splitlines() if "differ from the checkpoint's" in ln]
+
+
+@pytest.mark.parametrize("form", ["file", "last"])
+def test_resume_uses_the_commands_settings_and_lists_what_differs_in_one_warning(tmp_path, form):
+    """--ckpt_path FILE and --ckpt_path last alike: the command's optimizer and router settings are used (not the
+    checkpoint's hyper-parameters, nor the optimizer state's lr and betas); router capacity and kernel are
+    behaviour, not architecture."""
+    recipe = lm_recipe(tmp_path, "run", steps=2)
+    assert run_cli("fit", "--config", str(recipe), *NO_LOGGER).returncode == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = torch.load(ckpt, weights_only=False)["hyper_parameters"]
+    proc = run_cli("fit", "--config", str(recipe), "--ckpt_path", str(ckpt) if form == "file" else "last",
+                   "--trainer.max_steps", "3", "--model.init_args.optim.lr", "0.01", "--model.init_args.optim.beta2", "0.9",
+                   "--model.init_args.model.moe.router.capacity_factor", "2.0",
+                   "--model.init_args.model.moe.router.kernel", "reference", *NO_LOGGER)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warned = _warnings_about_the_checkpoint(proc)
+    assert len(warned) == 1, warned
+    for shown in (f"model.init_args.optim.lr: {before['optim']['lr']} in the checkpoint, 0.01 now",
+                  "model.init_args.optim.beta2: 0.95 in the checkpoint, 0.9 now",
+                  "model.init_args.model.moe.router.capacity_factor: null in the checkpoint, 2.0 now",
+                  "model.init_args.model.moe.router.kernel: 'auto' in the checkpoint, 'reference' now"):
+        assert shown in warned[0], warned[0]
+    after = torch.load(ckpt, weights_only=False)
+    assert after["global_step"] == 3, proc.stderr[-3000:] + str(sorted(p.name for p in ckpt.parent.iterdir()))
+    assert after["hyper_parameters"]["optim"]["lr"] == 0.01
+    assert after["hyper_parameters"]["model"]["moe"]["router"]["capacity_factor"] == 2.0
+    assert after["lr_schedulers"][0]["base_lrs"][0] == pytest.approx(0.01)  # the optimizer state follows too
+    assert all(g["betas"] == (0.9, 0.9) for g in after["optimizer_states"][0]["param_groups"])
+
+
+def test_evaluations_keep_the_training_config_and_init_from_counts_as_weights(moe_run, tmp_path):
+    recipe = _copy_run(moe_run, tmp_path, "run")
+    config = (tmp_path / "run" / "config.yaml").read_bytes()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    proc = run_cli("validate", "--config", str(recipe), "--model.init_args.init_from", str(ckpt), *NO_LOGGER)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("test", "--config", str(recipe), "--ckpt_path", str(ckpt), *NO_LOGGER)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == config  # the training run's, untouched
+    for sub in ("validate", "test"):
+        assert "class_path: pikv_train.tasks.LanguageModelTask" in (tmp_path / "run" / f"{sub}-config.yaml").read_text()
+
+
+def test_a_fresh_fit_over_a_run_needs_overwrite_which_replaces_its_checkpoints(moe_run, tmp_path):
+    recipe = _copy_run(moe_run, tmp_path, "run")
+    proc = run_cli("fit", "--config", str(recipe), *NO_LOGGER)
+    assert proc.returncode == 2 and "already holds a run (checkpoints/last.ckpt)" in _error_line(proc)
+    proc = run_cli("fit", "--config", str(recipe), "--overwrite", "true", "--trainer.max_steps", "1",
+                   "--trainer.val_check_interval", "1", *NO_LOGGER)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--overwrite: removed the" in proc.stderr
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "last.ckpt" in names and not any(n.startswith("last-v") for n in names), names
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_last_finds_checkpoints_of_a_callback_without_dirpath(tmp_path):
+    """A ModelCheckpoint without dirpath saves into out_dir/checkpoints, and --ckpt_path last resumes from there."""
+    recipe = lm_recipe(tmp_path, "run", steps=2)
+    callbacks = write(tmp_path / "callbacks.yaml", """
+        trainer:
+          callbacks:
+          - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+            init_args: {save_last: true}
+        """)
+    common = ("--config", str(recipe), "--config", str(callbacks), *NO_LOGGER)
+    proc = run_cli("fit", *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    proc = run_cli("fit", *common, "--ckpt_path", "last", "--trainer.max_steps", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Restoring states from the checkpoint" in proc.stderr + proc.stdout
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_without_a_logger_nothing_lands_in_the_working_folder_and_time_based_validation_runs(tmp_path):
+    """--trainer.logger false keeps every output in out_dir (not the current folder); a time-based
+    trainer.val_check_interval ("DD:HH:MM:SS", legal in Lightning) passes the settings checks."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    recipe = lm_recipe(tmp_path, "run", steps=1)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pikv_train", "fit", "--config", str(recipe), *NO_LOGGER,
+                           "--trainer.val_check_interval", "00:00:01:00"],
+                          cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(cwd.iterdir()) == []
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_resuming_a_hugging_face_teacher_run_compares_the_resized_student_vocabulary(tmp_path):
+    """The student's vocabulary follows the Hugging Face teacher's tokenizer (258 -> its size) before the
+    checkpoint's architecture is compared: resuming such a run is not "another architecture"."""
+    pytest.importorskip("transformers")
+    from helpers import tiny_hf_teacher
+
+    folder = tiny_hf_teacher(tmp_path / "hf")
+    recipe = write(tmp_path / "hf.yaml", f"""
+        defaults: [configs/trainer/cpu.yaml]
+        out_dir: {tmp_path / 'run'}
+        model:
+          class_path: pikv_train.tasks.DistillationTask
+          init_args:
+            student: configs/model/nano_moe.yaml
+            teacher: {{hf_path: {folder}}}
+        data: {{seq_len: 32, batch_size: 2, max_documents: 8}}
+        trainer: {{max_steps: 1, limit_val_batches: 1, val_check_interval: 1, enable_progress_bar: false}}
+        """)
+    proc = run_cli("fit", "--config", str(recipe), *NO_LOGGER)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    proc = run_cli("fit", "--config", str(recipe), "--ckpt_path", str(ckpt), "--trainer.max_steps", "2", *NO_LOGGER)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not _warnings_about_the_checkpoint(proc), _warnings_about_the_checkpoint(proc)
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+
+
+def test_only_the_fields_that_shape_the_parameters_are_another_architecture():
+    """Router capacity, kernel and loss weights, d_ff of an MoE model, max_seq_len and rope_base change
+    behaviour (a resumed run uses the command's, with a warning); widths, counts and parameter-holding router
+    kinds are architecture (an error)."""
+    import copy
+
+    from pikv_train.cli import architecture_differences
+    from pikv_train.models import ModelConfig
+
+    moe, dense = ModelConfig.preset("nano-moe").to_dict(), ModelConfig.preset("nano").to_dict()
+
+    def variant(cfg, router=None, **fields):
+        out = copy.deepcopy(cfg)
+        out.update(fields)
+        out["moe"] and out["moe"]["router"].update(router or {})
+        return out
+
+    behaviour = variant(moe, {"capacity_factor": 2.0, "kernel": "reference", "aux_loss_weight": 0.5}, d_ff=999,
+                        max_seq_len=4096, rope_base=500.0)
+    assert architecture_differences(behaviour, moe) == []
+    assert architecture_differences(variant(moe, {"name": "base"}), moe) == []  # both hold just a gate
+    assert architecture_differences(variant(moe, {"name": "pikv"}), moe) == [
+        "moe.router.name 'topk_balanced' in the checkpoint vs 'pikv' configured (their parameters differ)"]
+    assert architecture_differences(variant(moe, {"name": "eplb"}), moe)  # its bias and load buffers
+    assert architecture_differences(variant(moe, d_model=64), moe) == ["d_model 32 in the checkpoint vs 64 configured"]
+    assert architecture_differences(dense, moe) == ["moe set in the checkpoint vs null configured"]
+    assert architecture_differences(variant(dense, d_ff=128), dense) == ["d_ff 64 in the checkpoint vs 128 configured"]
+    assert architecture_differences(variant(dense, tie_embeddings=False), dense)
