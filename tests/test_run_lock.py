@@ -1,9 +1,12 @@
 """One run per folder: out_dir/.pikv.lock is taken after validation, released on exit, refused while a live
-run holds it, taken over (with a warning) when its run is gone; ``--ckpt_path last_or_new``."""
+run holds it (an flock held for the run's lifetime), taken over (with a warning) when no process holds it;
+``--ckpt_path last_or_new``."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +14,7 @@ import sys
 import pytest
 from helpers import lm_recipe, run_cli
 
-from conftest import ROOT
+from conftest import ROOT, cli_env
 from pikv_train.errors import ConfigError
 from pikv_train.run_lock import LOCK_NAME, RunLock, release_run_lock, take_run_lock
 
@@ -31,6 +34,44 @@ def sleeper():
     proc.wait()
 
 
+# A second run in another process: takes the lock of argv[1], says whether it got it, and holds it until its
+# stdin closes (then releases it, as the CLI does on exit).
+_OTHER_RUN = """
+import sys
+from pikv_train.errors import ConfigError
+from pikv_train.run_lock import RunLock
+lock = RunLock(sys.argv[1])
+try:
+    lock.acquire()
+    print("took", flush=True)
+except ConfigError as e:
+    print("refused", e, flush=True)
+sys.stdin.read()
+lock.release()
+"""
+
+
+def _other_run(folder) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", _OTHER_RUN, str(folder)], cwd=ROOT, env=cli_env(), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return proc, proc.stdout.readline().strip()
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another live run holding the lock of tmp_path/run."""
+    proc, said = _other_run(tmp_path / "run")
+    assert said == "took", said
+    yield proc
+    _end(proc)
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -46,20 +87,81 @@ def test_lock_holds_pid_host_and_time_and_is_released(tmp_path):
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
-def test_second_run_is_refused_with_the_path_and_pid(tmp_path, sleeper):
-    _hold(tmp_path / "run", sleeper.pid)
-    with pytest.raises(ConfigError, match=f"held by pid {sleeper.pid}"):
+def test_second_run_is_refused_with_the_path_and_pid(tmp_path, holder):
+    with pytest.raises(ConfigError, match=f"held by pid {holder.pid}"):
         RunLock(tmp_path / "run").acquire()
     recipe = lm_recipe(tmp_path, "run", steps=1)
     proc = run_cli("fit", "--config", str(recipe), *FAST)
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and line.startswith("error: out_dir") and str(tmp_path / "run" / LOCK_NAME) in line, line
-    assert f"pid {sleeper.pid}" in line and "Traceback" not in proc.stderr
+    assert f"pid {holder.pid}" in line and "Traceback" not in proc.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]  # nothing written
+    assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == holder.pid  # still the holder's
 
 
-def test_spawned_ranks_do_not_take_or_refuse_the_lock(tmp_path, sleeper, monkeypatch):
-    _hold(tmp_path / "run", sleeper.pid)
+def test_a_killed_run_leaves_a_lock_that_is_taken_over(tmp_path):
+    proc, said = _other_run(tmp_path / "run")
+    assert said == "took"
+    os.kill(proc.pid, signal.SIGKILL)  # no clean-up: the file stays, the kernel drops the flock
+    proc.wait()
+    assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == proc.pid
+    lock = RunLock(tmp_path / "run")
+    with pytest.warns(UserWarning, match=f"taking over the stale run lock .*pid {proc.pid}"):
+        lock.acquire()
+    assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+@pytest.mark.parametrize("whose", ["own", "live"])
+def test_a_lock_file_nobody_holds_is_stale_whatever_pid_it_names(tmp_path, sleeper, whose):
+    """A container restarted with the same pid (our own), or a pid reused by an unrelated live process: no
+    process holds the lock, so the run it names is gone."""
+    pid = os.getpid() if whose == "own" else sleeper.pid
+    _hold(tmp_path / "run", pid)
+    lock = RunLock(tmp_path / "run")
+    with pytest.warns(UserWarning, match=f"taking over the stale run lock .*pid {pid}"):
+        lock.acquire()
+    lock.release()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_a_run_starting_during_a_stale_takeover_is_refused_never_let_in_too(tmp_path, monkeypatch):
+    """Run A takes over a stale lock while run B starts: B must not also get in (once B had judged the lock
+    stale it deleted whatever lock was there, A's fresh one included, and both ran)."""
+    _hold(tmp_path / "run", _dead_pid())
+    read = RunLock._holder
+    other: list = []
+
+    def read_then_another_run_starts(self):
+        seen = read(self)
+        if not other:  # between A reading the stale lock and A taking it over
+            other.append(_other_run(tmp_path / "run"))
+        return seen
+
+    monkeypatch.setattr(RunLock, "_holder", read_then_another_run_starts)
+    lock = RunLock(tmp_path / "run")
+    try:
+        with pytest.warns(UserWarning):
+            lock.acquire()
+    except ConfigError:
+        pass
+    proc, said = other[0]
+    try:
+        assert lock.owned != (said == "took"), f"A owns: {lock.owned}; B says: {said}"
+        holder = proc.pid if said == "took" else os.getpid()
+        assert json.loads((tmp_path / "run" / LOCK_NAME).read_text())["pid"] == holder
+    finally:
+        _end(proc)
+        lock.release()
+
+
+@pytest.mark.parametrize("var", ["LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "JSM_NAMESPACE_RANK"])
+def test_other_ranks_of_any_launcher_do_not_take_the_lock(tmp_path, monkeypatch, var):
+    monkeypatch.setenv(var, "3")
+    assert take_run_lock(tmp_path / "run") is None and not (tmp_path / "run").exists()
+
+
+def test_spawned_ranks_do_not_take_or_refuse_the_lock(tmp_path, holder, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert take_run_lock(tmp_path / "run") is None
 
