@@ -63,8 +63,8 @@ def readme_commands(text: str) -> list[tuple[str, str]]:
         joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))  # shell line continuations
         for cmd in joined.splitlines():
             words = shlex.split(cmd, comments=True)
-            if words[: len(PREFIX)] == PREFIX and " ".join(words) not in {c for _, c in out}:
-                out.append((heading, " ".join(words)))
+            if words[: len(PREFIX)] == PREFIX and shlex.join(words) not in {c for _, c in out}:
+                out.append((heading, shlex.join(words)))  # quoted again, so a value with spaces stays one word
     return out
 
 
