@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import lm_recipe, run_cli, write
+from helpers import lm_recipe, run_cli, run_cli_forked, write
 
 from conftest import cli_env
 
@@ -149,7 +149,7 @@ def test_bad_input_gives_one_line_and_loses_nothing(name, trained):
     folders = _folders(tmp)
     env = cli_env()
     env.pop("PIKV_QUIET_CONFIG")  # the resolved config is printed only once the checks have passed
-    proc = run_cli(*args, env=env)
+    proc = run_cli_forked(*args, env=env)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert lines and lines[-1].startswith("error: ") and expected in lines[-1], lines[-1:]
