@@ -123,6 +123,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int, ver
     ``versions`` (a versioned compressor's :class:`~pikv_train.cache.compression.Versions`): row t reads key j
     in the stored form the compressor gives that pair, so one SDPA runs over the concatenated forms.
     """
+    if versions is not None and versions.chunk is not None:
+        return versions.attend_chunked(q, mask, group)
     if versions is not None:
         k, v, mask = versions.expand(mask)
     if mask is None:

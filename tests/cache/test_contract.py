@@ -209,3 +209,22 @@ def test_every_policy_decodes_its_compressed_cache_as_it_trained(case):
     scale = float(train.abs().max())
     torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
     assert float((plain - train).abs().max()) > 1e-3 * scale
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("tier_every", [1, 5])
+def test_pyramid_decodes_as_it_trained_when_its_decisions_do_not_divide_the_sequence(tier_every):
+    """MiKV's training attention runs per block of tier_every rows (every row of a block reads each key in one
+    tier); 48 rows in blocks of 5 leave a partial last block, blocks of 1 are MiKV's per-step decisions."""
+    case = dict(policy="streaming_llm", budget=0.5, chunk=4, sharding="by_routing", kv_bits=0, router="eplb")
+    model = _build(case)
+    comp = {**COMPRESSORS["pyramid"], "tier_every": tier_every}
+    model.set_cache_policy(build_policy(CacheConfig(policy="streaming_llm", budget=0.5, n_sink=2, compressor=comp),
+                                        model.cfg))
+    x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = model.logits(model(x).hidden)
+        dec = decode_tokenwise(model, model.new_cache(), x, PREFILL)
+    scale = float(train.abs().max())
+    torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)

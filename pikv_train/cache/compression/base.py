@@ -46,6 +46,12 @@ class Versions:
     key_q: Tensor | None = None
     key_cut: Tensor | None = None
     key_index: Tensor | None = None
+    chunk: int | None = None
+    """Set when rows in blocks of ``chunk`` read every key in one form (MiKV: tiers change only at a decision):
+    the attention then runs per block over ``chunk_keys``/``chunk_values`` (B, H_kv, nC, T, hd), the keys and
+    values as block c's rows read them, instead of over the concatenated forms (a third of the work)."""
+    chunk_keys: Tensor | None = None
+    chunk_values: Tensor | None = None
 
     def expand_mask(self, mask: Tensor | None, t: int) -> Tensor:
         """(B|1, 1|H_kv, T, T) visibility (None: causal) -> (B|1, 1|H_kv, T, n_blocks * T) over the blocks."""
@@ -57,6 +63,33 @@ class Versions:
         """Keys (B, H_kv, nT, hd), values and mask over the concatenated blocks, for one SDPA call."""
         t = self.keys[0].shape[2]
         return torch.cat(self.keys, 2), torch.cat(self.values, 2), self.expand_mask(mask, t)
+
+    def attend_chunked(self, q: Tensor, mask: Tensor | None, group: int) -> Tensor:
+        """SDPA of q (B, H, T, hd) with row block c reading ``chunk_keys[:, :, c]``; mask (B|1, 1|H_kv, T, T)
+        (None: causal). The blocks become batch entries: (B * nC, H, chunk, hd) queries against (B * nC, H_kv,
+        T, hd) keys."""
+        import torch.nn.functional as F
+
+        b, h, t, hd = q.shape
+        c, hkv = self.chunk, self.chunk_keys.shape[1]
+        n = self.chunk_keys.shape[2]
+        if mask is None:
+            mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+        pad = n * c - t
+        if pad:  # rows padded to whole blocks; a padded row reads key 0 only and is dropped
+            q = F.pad(q, (0, 0, 0, pad))
+            extra = torch.zeros(*mask.shape[:2], pad, t, dtype=torch.bool, device=q.device)
+            extra[..., 0] = True
+            mask = torch.cat([mask, extra], 2)
+        qc = q.view(b, h, n, c, hd).transpose(1, 2).reshape(b * n, h, c, hd)
+        kc = self.chunk_keys.transpose(1, 2).reshape(b * n, hkv, t, hd)
+        vc = self.chunk_values.transpose(1, 2).reshape(b * n, hkv, t, hd)
+        mb, mh = mask.shape[:2]
+        mc = mask.view(mb, mh, n, c, t).transpose(1, 2).expand(b, n, mh, c, t).reshape(b * n, mh, c, t)
+        if mh > 1 and group > 1:
+            mc = mc.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mc, enable_gqa=group > 1)
+        return y.view(b, n, h, c, hd).transpose(1, 2).reshape(b, h, n * c, hd)[:, :, :t]
 
     def keys_at(self, row: int, k: Tensor) -> Tensor:
         """(…, T, hd) the keys as row ``row`` reads them (prefix rule: stored form below the cut)."""

@@ -14,8 +14,8 @@ refills its heavy hitters from the tokens still present); the lowest tier is qua
 tier the token came from, so the stored form does not depend on its path.
 
 Training forward: a no-grad chunk-sequential pass computes the tiers (the same decisions as the cache, from
-the same float64 attention), then each (row, key) pair reads its tier's form in one SDPA over the three forms
-(straight-through gradient through the rounding).
+the same float64 attention), then the rows of each chunk read every key in its tier's form at that chunk: one SDPA with the chunks as batch
+entries (straight-through gradient through the rounding).
 
 Deviations from MiKV: its outlier-aware channel balancing and its per-channel key quantization are not done
 (per-token groups for both), and the tier split (equal full and middle tiers under the byte budget) is ours; MiKV
@@ -150,11 +150,13 @@ class PyramidCompressor(KVCompressor):
                 x = self.top_count(hold.sum(-1), (hold & ~cand).sum(-1), cand.sum(-1), es)
                 tier = torch.where(cand, assign_tiers(imp, tier, cand, x, j.double()), tier)
             out[:, :, ci] = tier
-            logits = qd[:, :, :, s0:e] @ kd[0].transpose(-1, -2)
-            for i in (1, 2):
-                logits = torch.where((tier == i)[:, :, None, None], qd[:, :, :, s0:e] @ kd[i].transpose(-1, -2), logits)
-            p = logits.masked_fill(~vis[:, :, None, s0:e], float("-inf")).softmax(-1).mean(2)  # (B, H_kv, C, T)
-            imp += p.nan_to_num(0.0).sum(2)
+            # The keys as the chunk's rows read them (each in its tier's form): one matmul, not one per tier.
+            # Causal: the chunk's rows read keys j < e only.
+            te = tier[:, :, None, :e, None]
+            kt = torch.where(te == 0, kd[0][..., :e, :], torch.where(te == 1, kd[1][..., :e, :], kd[2][..., :e, :]))
+            logits = qd[:, :, :, s0:e] @ kt.transpose(-1, -2)  # (B, H_kv, G, C, e)
+            p = logits.masked_fill(~vis[:, :, None, s0:e, :e], float("-inf")).softmax(-1).mean(2)  # (B, H_kv, C, e)
+            imp[..., :e] += p.nan_to_num(0.0).sum(2)
         return out, starts
 
     def versions(self, layer_idx, k, v, q=None, vis=None, held=None):
@@ -167,8 +169,17 @@ class PyramidCompressor(KVCompressor):
         tier_c, starts = self.tiers(q, k, vis, held, [k, k1, k2])
         row_chunk = torch.div(torch.arange(t, device=k.device), self.cfg.tier_every, rounding_mode="floor")
         index = tier_c.to(torch.int8)[:, :, row_chunk]  # (B, H_kv, T, T): the tier row t reads key j in
-        return Versions(keys=[k, _ste(k, k1), _ste(k, k2)], values=[v, _ste(v, v1), _ste(v, v2)],
-                        select=[causal & (index == i) for i in range(3)], key_index=index)
+        idx = tier_c[..., None].expand(*tier_c.shape, k.shape[-1])  # (B, H_kv, nC, T, hd)
+
+        def per_chunk(x: Tensor, x1: Tensor, x2: Tensor) -> Tensor:
+            """(B, H_kv, nC, T, hd): key j in its tier's form at each chunk; forward exactly those numbers,
+            gradient the identity to x (summed over the chunks)."""
+            stored = torch.stack([x.detach(), x1, x2], 2).gather(2, idx)
+            return stored + (x - x.detach())[:, :, None]
+
+        return Versions(keys=[k, _ste(k, k1), _ste(k, k2)], values=[v, _ste(v, v1), _ste(v, v2)], select=[],
+                        key_index=index, chunk=self.cfg.tier_every, chunk_keys=per_chunk(k, k1, k2),
+                        chunk_values=per_chunk(v, v1, v2))
 
     def new_store(self, layer_idx, head, like):
         return PyramidStore(self, like)
