@@ -459,3 +459,34 @@ def test_attention_targets_under_pyramid_read_each_key_in_its_tier():
         expect = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1).flatten(1, 2)
     assert int((idx > 0).sum()) > 0
     torch.testing.assert_close(probs, expect, rtol=1e-4, atol=1e-6)
+
+
+def test_pyramid_block_attention_equals_per_pair_forms_with_straight_through_gradients():
+    """MiKV's training attention (row blocks of tier_every, each reading every key in its tier at that block,
+    keys beyond the block's last row skipped) equals one SDPA over the three concatenated forms with pair
+    (t, j) reading tier key_index[t, j]: outputs and the straight-through gradients of q, k and v. 22 rows in
+    blocks of 4 leave a partial last block."""
+    from pikv_train.cache.compression import PyramidCompressor
+    from pikv_train.cache.compression.base import Versions
+    from pikv_train.models.attention import attend
+
+    cfg = ModelConfig(n_layer=1, n_head=4, n_kv_head=2, d_model=32, d_ff=16)  # head_dim 8
+    comp = PyramidCompressor(CompressorConfig(name="pyramid", group_size=8, recent=2, tier_every=4, byte_budget=0.6), cfg)
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(2, h, 22, 8, generator=g) * s for h, s in ((4, 3.0), (2, 3.0), (2, 1.0))]
+    outs, grads = [], []
+    for blocks in (True, False):
+        q, k, v = (x.clone().requires_grad_() for x in base)
+        ver = comp.versions(0, k, v, q=q)
+        if not blocks:
+            causal = torch.ones(22, 22, dtype=torch.bool).tril()
+            ver = Versions(keys=ver.keys, values=ver.values, select=[causal & (ver.key_index == i) for i in range(3)])
+        else:
+            assert {1, 2} <= set(ver.key_index.unique().tolist())  # tokens really sit in the lower tiers
+        y = attend(q, k, v, None, 2, ver)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad for x in (q, k, v)])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5 * float(outs[1].abs().max()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))

@@ -48,8 +48,9 @@ class Versions:
     key_index: Tensor | None = None
     chunk: int | None = None
     """Set when rows in blocks of ``chunk`` read every key in one form (MiKV: tiers change only at a decision):
-    the attention then runs per block over ``chunk_keys``/``chunk_values`` (B, H_kv, nC, T, hd), the keys and
-    values as block c's rows read them, instead of over the concatenated forms (a third of the work)."""
+    the attention then runs per block over ``chunk_keys``/``chunk_values`` (B, H_kv, nC, T, hd, no gradient),
+    the stored keys and values as block c's rows read them (``keys[0]``/``values[0]``, the exact ones, take
+    the straight-through gradient), instead of over the concatenated forms (a third of the work)."""
     chunk_keys: Tensor | None = None
     chunk_values: Tensor | None = None
 
@@ -64,15 +65,15 @@ class Versions:
         t = self.keys[0].shape[2]
         return torch.cat(self.keys, 2), torch.cat(self.values, 2), self.expand_mask(mask, t)
 
-    def attend_chunked(self, q: Tensor, mask: Tensor | None, group: int) -> Tensor:
+    def attend_chunked(self, q: Tensor, mask: Tensor | None, group: int, n_groups: int = 8) -> Tensor:
         """SDPA of q (B, H, T, hd) with row block c reading ``chunk_keys[:, :, c]``; mask (B|1, 1|H_kv, T, T)
-        (None: causal). The blocks become batch entries: (B * nC, H, chunk, hd) queries against (B * nC, H_kv,
-        T, hd) keys."""
+        (None: causal). Blocks become batch entries, (B * n, H, chunk, hd) queries against (B * n, H_kv, e, hd)
+        keys, in up to ``n_groups`` runs of consecutive blocks, each reading only the keys before its last row
+        (causal: about half the work of every block reading all T keys)."""
         import torch.nn.functional as F
 
         b, h, t, hd = q.shape
-        c, hkv = self.chunk, self.chunk_keys.shape[1]
-        n = self.chunk_keys.shape[2]
+        c, hkv, n = self.chunk, self.chunk_keys.shape[1], self.chunk_keys.shape[2]
         if mask is None:
             mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
         pad = n * c - t
@@ -81,15 +82,25 @@ class Versions:
             extra = torch.zeros(*mask.shape[:2], pad, t, dtype=torch.bool, device=q.device)
             extra[..., 0] = True
             mask = torch.cat([mask, extra], 2)
-        qc = q.view(b, h, n, c, hd).transpose(1, 2).reshape(b * n, h, c, hd)
-        kc = self.chunk_keys.transpose(1, 2).reshape(b * n, hkv, t, hd)
-        vc = self.chunk_values.transpose(1, 2).reshape(b * n, hkv, t, hd)
         mb, mh = mask.shape[:2]
-        mc = mask.view(mb, mh, n, c, t).transpose(1, 2).expand(b, n, mh, c, t).reshape(b * n, mh, c, t)
-        if mh > 1 and group > 1:
-            mc = mc.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mc, enable_gqa=group > 1)
-        return y.view(b, n, h, c, hd).transpose(1, 2).reshape(b, h, n * c, hd)[:, :, :t]
+        k0, v0 = self.keys[0], self.values[0]  # the exact keys/values (B, H_kv, T, hd)
+        cuts = sorted({round(i * n / min(n, n_groups)) for i in range(min(n, n_groups) + 1)})
+        out = []
+        for a, z in zip(cuts, cuts[1:]):
+            m, e = z - a, min(z * c, t)  # blocks in this run; keys its rows can read
+            qc = q[:, :, a * c: z * c].reshape(b, h, m, c, hd).transpose(1, 2).reshape(b * m, h, c, hd)
+            # Stored forms (no gradient) plus x - x.detach() (zero): forward exactly the stored numbers, gradient
+            # the identity to the exact keys/values (straight-through), without a gradient of the whole block tensor.
+            kc = self.chunk_keys[:, :, a:z, :e] + (k0[:, :, None, :e] - k0[:, :, None, :e].detach())
+            vc = self.chunk_values[:, :, a:z, :e] + (v0[:, :, None, :e] - v0[:, :, None, :e].detach())
+            kc, vc = (x.transpose(1, 2).reshape(b * m, hkv, e, hd) for x in (kc, vc))
+            mc = mask[:, :, a * c: z * c, :e].reshape(mb, mh, m, c, e).transpose(1, 2)
+            mc = mc.expand(b, m, mh, c, e).reshape(b * m, mh, c, e)
+            if mh > 1 and group > 1:
+                mc = mc.repeat_interleave(group, dim=1)
+            y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mc, enable_gqa=group > 1)
+            out.append(y.view(b, m, h, c, hd).transpose(1, 2).reshape(b, h, m * c, hd))
+        return torch.cat(out, 2)[:, :, :t]
 
     def keys_at(self, row: int, k: Tensor) -> Tensor:
         """(…, T, hd) the keys as row ``row`` reads them (prefix rule: stored form below the cut)."""

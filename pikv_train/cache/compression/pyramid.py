@@ -172,10 +172,8 @@ class PyramidCompressor(KVCompressor):
         idx = tier_c[..., None].expand(*tier_c.shape, k.shape[-1])  # (B, H_kv, nC, T, hd)
 
         def per_chunk(x: Tensor, x1: Tensor, x2: Tensor) -> Tensor:
-            """(B, H_kv, nC, T, hd): key j in its tier's form at each chunk; forward exactly those numbers,
-            gradient the identity to x (summed over the chunks)."""
-            stored = torch.stack([x.detach(), x1, x2], 2).gather(2, idx)
-            return stored + (x - x.detach())[:, :, None]
+            """(B, H_kv, nC, T, hd), no gradient: key j in its tier's form at each chunk."""
+            return torch.stack([x.detach(), x1, x2], 2).gather(2, idx)
 
         return Versions(keys=[k, _ste(k, k1), _ste(k, k2)], values=[v, _ste(v, v1), _ste(v, v2)], select=[],
                         key_index=index, chunk=self.cfg.tier_every, chunk_keys=per_chunk(k, k1, k2),
