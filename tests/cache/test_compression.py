@@ -490,3 +490,17 @@ def test_pyramid_block_attention_equals_per_pair_forms_with_straight_through_gra
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5 * float(outs[1].abs().max()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+def test_pyramid_ranking_is_the_policies_rule_with_positions_as_tiebreak():
+    """MiKV's one-sort ranking picks the same set as the policies' top_n_mask with the positions as tiebreak
+    (exact ties to the more recent token; -inf never chosen), on scores full of ties."""
+    from pikv_train.cache.compression.pyramid import top_n_mask
+    from pikv_train.cache.policies.base import top_n_mask as policies_rule
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        s = torch.randint(0, 4, (3, 2, 17), generator=g).double()
+        s[torch.rand(s.shape, generator=g) < 0.2] = float("-inf")
+        n = torch.randint(0, 18, (3, 2), generator=g)
+        assert torch.equal(top_n_mask(s, n), policies_rule(s, n, torch.arange(17).double()))

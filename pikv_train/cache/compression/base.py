@@ -48,11 +48,10 @@ class Versions:
     key_index: Tensor | None = None
     chunk: int | None = None
     """Set when rows in blocks of ``chunk`` read every key in one form (MiKV: tiers change only at a decision):
-    the attention then runs per block over ``chunk_keys``/``chunk_values`` (B, H_kv, nC, T, hd, no gradient),
-    the stored keys and values as block c's rows read them (``keys[0]``/``values[0]``, the exact ones, take
-    the straight-through gradient), instead of over the concatenated forms (a third of the work)."""
-    chunk_keys: Tensor | None = None
-    chunk_values: Tensor | None = None
+    the attention then runs per block over the keys and values as block c's rows read them (``chunk_tier``),
+    instead of over the concatenated forms (a third of the work)."""
+    chunk_tier: Tensor | None = None
+    """(B, H_kv, nC, T) long: the form (index into ``keys``/``values``) block c's rows read key j in."""
 
     def expand_mask(self, mask: Tensor | None, t: int) -> Tensor:
         """(B|1, 1|H_kv, T, T) visibility (None: causal) -> (B|1, 1|H_kv, T, n_blocks * T) over the blocks."""
@@ -73,7 +72,7 @@ class Versions:
         import torch.nn.functional as F
 
         b, h, t, hd = q.shape
-        c, hkv, n = self.chunk, self.chunk_keys.shape[1], self.chunk_keys.shape[2]
+        c, hkv, n = self.chunk, self.chunk_tier.shape[1], self.chunk_tier.shape[2]
         if mask is None:
             mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
         pad = n * c - t
@@ -84,6 +83,9 @@ class Versions:
             mask = torch.cat([mask, extra], 2)
         mb, mh = mask.shape[:2]
         k0, v0 = self.keys[0], self.values[0]  # the exact keys/values (B, H_kv, T, hd)
+        # The stored forms without gradient, (B, H_kv, n_forms, T, hd): gathered per run of blocks below.
+        k_forms = torch.stack([x.detach() for x in self.keys], 2)
+        v_forms = torch.stack([x.detach() for x in self.values], 2)
         cuts = sorted({round(i * n / min(n, n_groups)) for i in range(min(n, n_groups) + 1)})
         out = []
         for a, z in zip(cuts, cuts[1:]):
@@ -91,8 +93,9 @@ class Versions:
             qc = q[:, :, a * c: z * c].reshape(b, h, m, c, hd).transpose(1, 2).reshape(b * m, h, c, hd)
             # Stored forms (no gradient) plus x - x.detach() (zero): forward exactly the stored numbers, gradient
             # the identity to the exact keys/values (straight-through), without a gradient of the whole block tensor.
-            kc = self.chunk_keys[:, :, a:z, :e] + (k0[:, :, None, :e] - k0[:, :, None, :e].detach())
-            vc = self.chunk_values[:, :, a:z, :e] + (v0[:, :, None, :e] - v0[:, :, None, :e].detach())
+            idx = self.chunk_tier[:, :, a:z, :e, None].expand(-1, -1, -1, -1, hd)  # (B, H_kv, m, e, hd)
+            kc = k_forms[:, :, :, :e].gather(2, idx) + (k0[:, :, None, :e] - k0[:, :, None, :e].detach())
+            vc = v_forms[:, :, :, :e].gather(2, idx) + (v0[:, :, None, :e] - v0[:, :, None, :e].detach())
             kc, vc = (x.transpose(1, 2).reshape(b * m, hkv, e, hd) for x in (kc, vc))
             mc = mask[:, :, a * c: z * c, :e].reshape(mb, mh, m, c, e).transpose(1, 2)
             mc = mc.expand(b, m, mh, c, e).reshape(b * m, mh, c, e)

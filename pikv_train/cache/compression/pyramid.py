@@ -39,20 +39,27 @@ from pikv_train.errors import ConfigError
 REFUSED_POLICIES = ("h2o", "lru", "lru_plus", "ada_kv", "quest", "flexgen")
 
 
-def top_n_mask(score, n, tiebreak):
-    from pikv_train.cache.policies.base import top_n_mask as top  # the policies' rule (lazy: no import cycle)
+def top_n_mask(score: Tensor, n: Tensor, tiebreak: Tensor | None = None) -> Tensor:
+    """The policies' rule (n best along the last dim, exact ties to the more recent position) with the positions
+    0..S-1 as the tiebreak: one stable sort of the reversed scores instead of two sorts."""
+    if tiebreak is not None:
+        from pikv_train.cache.policies.base import top_n_mask as top  # lazy: no import cycle
 
-    return top(score, n, tiebreak)
+        return top(score, n, tiebreak)
+    s = score.shape[-1]
+    order = (s - 1) - torch.argsort(score.flip(-1), dim=-1, descending=True, stable=True)  # most recent first on ties
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s, device=score.device).expand_as(order))
+    return (rank < n.unsqueeze(-1)) & torch.isfinite(score)
 
 
-def assign_tiers(imp: Tensor, tier: Tensor, cand: Tensor, x: Tensor, tiebreak: Tensor) -> Tensor:
-    """New tiers of the candidates (..., S): the x best by accumulated attention among those still at full
+def assign_tiers(imp: Tensor, tier: Tensor, cand: Tensor, x: Tensor) -> Tensor:
+    """New tiers of the candidates (..., S), S tokens in position order: the x best by accumulated attention among those still at full
     precision stay there, the x best of the rest that can still be at the middle tier go (or stay) there, every
     other candidate goes to the lowest tier. As H2O refills its heavy-hitter set from the tokens still present,
     a demoted token never climbs back. Exact ties go to the more recent token."""
     score = imp.masked_fill(~cand, float("-inf"))
-    first = top_n_mask(score.masked_fill(tier > 0, float("-inf")), x, tiebreak)
-    second = top_n_mask(score.masked_fill(first | (tier > 1), float("-inf")), x, tiebreak)
+    first = top_n_mask(score.masked_fill(tier > 0, float("-inf")), x)
+    second = top_n_mask(score.masked_fill(first | (tier > 1), float("-inf")), x)
     return torch.where(first, 0, torch.where(second, 1, 2))
 
 
@@ -148,7 +155,7 @@ class PyramidCompressor(KVCompressor):
                 hold = held[:, :, s0] & (j < s0)  # (B, H_kv, T)
                 cand = hold & (s0 - j > recent)
                 x = self.top_count(hold.sum(-1), (hold & ~cand).sum(-1), cand.sum(-1), es)
-                tier = torch.where(cand, assign_tiers(imp, tier, cand, x, j.double()), tier)
+                tier = torch.where(cand, assign_tiers(imp, tier, cand, x), tier)
             out[:, :, ci] = tier
             # The keys as the chunk's rows read them (each in its tier's form): one matmul, not one per tier.
             # Causal: the chunk's rows read keys j < e only.
@@ -169,15 +176,8 @@ class PyramidCompressor(KVCompressor):
         tier_c, starts = self.tiers(q, k, vis, held, [k, k1, k2])
         row_chunk = torch.div(torch.arange(t, device=k.device), self.cfg.tier_every, rounding_mode="floor")
         index = tier_c.to(torch.int8)[:, :, row_chunk]  # (B, H_kv, T, T): the tier row t reads key j in
-        idx = tier_c[..., None].expand(*tier_c.shape, k.shape[-1])  # (B, H_kv, nC, T, hd)
-
-        def per_chunk(x: Tensor, x1: Tensor, x2: Tensor) -> Tensor:
-            """(B, H_kv, nC, T, hd), no gradient: key j in its tier's form at each chunk."""
-            return torch.stack([x.detach(), x1, x2], 2).gather(2, idx)
-
         return Versions(keys=[k, _ste(k, k1), _ste(k, k2)], values=[v, _ste(v, v1), _ste(v, v2)], select=[],
-                        key_index=index, chunk=self.cfg.tier_every, chunk_keys=per_chunk(k, k1, k2),
-                        chunk_values=per_chunk(v, v1, v2))
+                        key_index=index, chunk=self.cfg.tier_every, chunk_tier=tier_c)
 
     def new_store(self, layer_idx, head, like):
         return PyramidStore(self, like)
@@ -216,7 +216,7 @@ class PyramidStore(Store):
         comp = self.comp
         cand = t - pos > comp.cfg.recent
         x = comp.top_count(torch.tensor(len(pos)), (~cand).sum(), cand.sum(), self.full_k.element_size())
-        new = torch.where(cand, assign_tiers(self.imp, self.tier.long(), cand, x, pos.double()).to(torch.int8), self.tier)
+        new = torch.where(cand, assign_tiers(self.imp, self.tier.long(), cand, x).to(torch.int8), self.tier)
         if torch.equal(new, self.tier):
             return
         old = self.tier
