@@ -563,6 +563,9 @@ def main() -> None:
             else round(lo["ppl_trained_under"] - sv["ppl_trained_under"], 4)}
     targets["step_time_within_2x"] = {r["compressor"] + " " + r["setting"]: r["step_time_ratio"] for r in rows}
     targets["step_time_all_ok"] = all(r["step_time_ratio"] <= 2.0 for r in rows)
+    targets["distillation_step_time_within_2x"] = {r["compressor"] + " " + r["setting"]: r["step_time_ratio_with_teacher"]
+                                                   for r in rows}
+    targets["distillation_step_time_all_ok"] = all(r["step_time_ratio_with_teacher"] <= 2.0 for r in rows)
 
     # 7. write
     import subprocess as sp
@@ -624,9 +627,13 @@ def main() -> None:
                   f"{t['by']:.3f} ({t['by_rel']:.1%}). Both trained under: lora {t['lora_trained_under']:.3f}, svd "
                   f"{fmt(t['svd_trained_under'])} (lora - svd = {fmt(t['lora_minus_svd_both_trained'], '+.3f')}).")
     worst = max(rows, key=lambda r: r["step_time_ratio"])
-    md.append(f"- step time: {'every compressor within' if targets['step_time_all_ok'] else 'NOT every compressor within'} "
-              f"2x of the full cache (largest: {worst['compressor']} {worst['setting']}, {worst['step_time_ratio']:.2f}x "
-              f"the student step, {worst['step_time_ratio_with_teacher']:.2f}x with the teacher forward).")
+    worst_d = max(rows, key=lambda r: r["step_time_ratio_with_teacher"])
+    within = lambda ok: "every compressor within" if ok else "NOT every compressor within"  # noqa: E731
+    md.append(f"- step time of the distillation run's step (teacher forward + student step): "
+              f"{within(targets['distillation_step_time_all_ok'])} 2x of the full cache (largest: {worst_d['compressor']} "
+              f"{worst_d['setting']}, {worst_d['step_time_ratio_with_teacher']:.2f}x). The student step alone (the "
+              f"table's column): {within(targets['step_time_all_ok'])} 2x (largest: {worst['compressor']} "
+              f"{worst['setting']}, {worst['step_time_ratio']:.2f}x).")
     md += ["", f"`python benchmarks/compression.py --steps {args.steps}`: {wall / 60:.0f} min wall "
                f"({', '.join(f'{k[:-2]} {v / 60:.1f} min' for k, v in phases.items())}); {env}."]
     out = Path(args.out)
