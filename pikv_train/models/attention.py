@@ -86,22 +86,9 @@ class CausalSelfAttention(nn.Module):
             attend_fn = getattr(cache, "attend", None)  # duck-typed caches without it use SDPA
             y = attend_fn(q, k, v, mask) if attend_fn is not None else None
         elif hooks:
-            for h in hooks:
-                if ctx is not None:
-                    ctx.prior_mask = mask
-                m = h.training_mask(q, k, ctx)
-                if m is not None:
-                    mask = m if mask is None else mask & m
+            mask0, mask = mask, hook_masks(q, k, mask, hooks, ctx)
             if compressor is not None and getattr(compressor, "needs_visibility", False):
-                # MiKV-style tiers come from the attention rows really pay: what the policy holds when each row
-                # arrives (its deployed, hard-gated form) and what expert sharding lets it read.
-                policy = next(h for h in hooks if getattr(h, "compressor", None) is compressor)
-                held = policy.held_mask(t, ctx)
-                vis = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
-                vis = vis if held is None else vis & (held | torch.eye(t, dtype=torch.bool, device=x.device))
-                shard = ctx.prior_mask if ctx is not None and hooks[-1] is policy else None
-                vis = vis if shard is None else vis & shard
-                versions = compressor.versions(layer_idx, k, v, q=q, vis=vis, held=held)
+                versions, mask = tiered_versions(compressor, hooks, layer_idx, q, k, v, mask0, mask, ctx)
                 if ctx is not None:
                     ctx.versions = versions
             for h in hooks:
@@ -115,6 +102,57 @@ class CausalSelfAttention(nn.Module):
                 mask = ctx.scratch["policy_dense_mask"]()  # FlexAttention path: the same visibility, densely
             ctx.attention_probs = attention_probs(q, k, mask, self.n_head // self.n_kv_head, versions)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+
+def hook_masks(q: Tensor, k: Tensor, mask: Tensor | None, hooks, ctx) -> Tensor | None:
+    """AND of ``mask`` and every hook's training mask (each hook sees the masks before it as ctx.prior_mask)."""
+    for h in hooks:
+        if ctx is not None:
+            ctx.prior_mask = mask
+        m = h.training_mask(q, k, ctx)
+        if m is not None:
+            mask = m if mask is None else mask & m
+    return mask
+
+
+def tiered_versions(compressor, hooks, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, mask0: Tensor | None,
+                    mask: Tensor | None, ctx):
+    """Versions of a compressor whose stored forms come from the attention rows really pay (MiKV's tiers), and
+    the hooks' mask that goes with them: (versions, mask).
+
+    A policy that does not score from attention (full, StreamingLLM, DuoAttention) fixes what is held and read
+    on its own: one pass over its deployed, hard-gated visibility. A policy that does (H2O, LRU, LRU+, AdaKV,
+    Quest) scores with the keys as each row reads them, in their tiers, while the tiers rank what that policy
+    holds: one joint sequential process, as in the deployed cache. Each decision (a tier change or a policy's
+    selection at a boundary) depends only on decisions at earlier boundaries (a tier change at s0 comes before
+    the policy's decision at s0, as the cache reads before it steps), so alternating the two passes (the policy
+    given the tiers, the tiers given the policy) fixes at least one more boundary per round and stops at the
+    unique fixed point, the sequential process itself: usually in two or three rounds.
+    """
+    t = q.shape[2]
+    policy = next(h for h in hooks if getattr(h, "compressor", None) is compressor)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+    joint = getattr(policy, "scores_by_attention", False) and ctx.scratch.get("policy_own_mask") is not None
+    if not joint:
+        held = policy.held_mask(t, ctx)
+        eye = torch.eye(t, dtype=torch.bool, device=q.device)
+        vis = causal if held is None else causal & (held | eye)
+        shard = ctx.prior_mask if hooks[-1] is policy else None  # what expert sharding lets each row read
+        vis = vis if shard is None else vis & shard
+        return compressor.versions(layer_idx, k, v, q=q, vis=vis, held=held), mask
+    stats = dict(ctx.stats)  # the policy logs once per layer: each round starts from the same statistics
+    versions = None
+    for _ in range(2 * t + 2):
+        # Rows read what the hooks' mask shows (the policy's selection and the sharding rule); the tiers rank
+        # what the policy held when each row arrived.
+        new = compressor.versions(layer_idx, k, v, q=q, vis=causal & mask, held=policy.held_mask(t, ctx))
+        if versions is not None and torch.equal(new.chunk_tier, versions.chunk_tier):
+            return new, mask
+        versions = ctx.versions = new
+        ctx.stats.clear()
+        ctx.stats.update(stats)
+        mask = hook_masks(q, k, mask0, hooks, ctx)
+    raise RuntimeError(f"{compressor.name} tiers and cache.policy={policy.cfg.policy} did not reach a fixed point")
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int, versions=None) -> Tensor:

@@ -375,10 +375,25 @@ def test_pyramid_store_tiers_by_accumulated_attention_and_stores_the_tier_forms(
     assert not torch.equal(mid, k) and not torch.equal(low, mid)
 
 
-def test_pyramid_refuses_policies_that_rank_by_attention_themselves():
-    for policy in ("h2o", "lru", "lru_plus", "ada_kv", "quest"):
-        with pytest.raises(ConfigError, match=f"policy={policy} with model.init_args.cache.compressor.name=pyramid"):
-            CacheConfig(policy=policy, budget=0.5, compressor=CompressorConfig(name="pyramid")).validate()
+def test_policies_score_with_the_tier_each_key_sits_in_at_the_row_they_score_for():
+    """Versions.logits (what H2O, LRU, AdaKV and Quest score with under MiKV): with batch, kv-heads and query
+    groups all > 1, rows scoring at block c see every key in its form at c, as the cache holds them."""
+    from pikv_train.cache.compression import PyramidCompressor
+    from pikv_train.cache.compression.base import scoring_logits
+
+    cfg = ModelConfig(n_layer=1, n_head=4, n_kv_head=2, d_model=32, d_ff=16)  # head_dim 8, groups of 2
+    comp = PyramidCompressor(CompressorConfig(name="pyramid", group_size=8, recent=2, tier_every=4, byte_budget=0.6), cfg)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 24, 8, generator=g) * 3 for h in (4, 2, 2))
+    ver = comp.versions(0, k, v, q=q)
+    qg = q.double().view(2, 2, 2, 24, 8)
+    for c in (3, 5):
+        rows = torch.arange(4 * c - 3, 4 * c + 2)  # rows of block c - 1 and c
+        got = scoring_logits(ver, qg[:, :, :, rows], k.double()[:, :, None], rows, lambda x: x.double()[:, :, None])
+        for r_i, r in enumerate(rows.tolist()):
+            keys = ver.keys_in_block(r // 4).double()  # (B, H_kv, T, hd)
+            torch.testing.assert_close(got[:, :, :, r_i], (qg[:, :, :, r, None] @ keys[:, :, None].transpose(-1, -2))[:, :, :, 0])
+    assert len(set(ver.chunk_tier[:, :, 5].flatten().tolist())) > 1 and not torch.equal(ver.chunk_tier[0], ver.chunk_tier[1])
 
 
 def test_versioned_compressors_never_take_the_flexattention_path():

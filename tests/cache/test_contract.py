@@ -70,8 +70,8 @@ def _cases() -> list[dict]:
 
 def _compatible(case: dict) -> bool:
     comp, policy = case["compressor"], case["policy"]
-    if comp == "pyramid":  # its tiers rank by attention: not beside a policy that does, nor per-shard budgets
-        return policy in ("full", "streaming_llm", "duo_attention") and "shard_budget" not in case["sharding"]
+    if comp == "pyramid":  # its tiers rank what each stream holds: not with per-shard budgets, nor FlexGen
+        return policy != "flexgen" and "shard_budget" not in case["sharding"]
     return not (comp == "quantized" and policy == "flexgen")
 
 
@@ -179,7 +179,7 @@ def _pairs() -> list[dict]:
         for comp in AXES["compressor"][1:]:
             case = dict(policy=policy, budget=0.5 if policy != "flexgen" else 0.25, chunk=next(chunks), kv_bits=0,
                         compressor=comp, **{a: next(c) for a, c in cycles.items()})
-            if comp == "pyramid" and policy in ("full", "streaming_llm", "duo_attention"):
+            if comp == "pyramid" and policy != "flexgen":
                 while "shard_budget" in case["sharding"]:  # a combination that works (the refusals are below)
                     case["sharding"] = next(cycles["sharding"])
             out.append(case)

@@ -105,6 +105,12 @@ class Versions:
             out.append(y.view(b, m, h, c, hd).transpose(1, 2).reshape(b, h, m * c, hd))
         return torch.cat(out, 2)[:, :, :t]
 
+    def keys_in_block(self, c: int) -> Tensor:
+        """(B, H_kv, T, hd) the keys as the rows of block c read them (no gradient)."""
+        forms = torch.stack([x.detach() for x in self.keys], 2)  # (B, H_kv, n_forms, T, hd)
+        idx = self.chunk_tier[:, :, c, None, :, None].expand(-1, -1, 1, -1, forms.shape[-1])
+        return forms.gather(2, idx)[:, :, 0]
+
     def keys_at(self, row: int, k: Tensor) -> Tensor:
         """(…, T, hd) the keys as row ``row`` reads them (prefix rule: stored form below the cut)."""
         j = torch.arange(k.shape[-2], device=k.device)
@@ -120,7 +126,7 @@ class Versions:
         if self.key_index is None:
             stored = q @ view(self.key_q.detach()).transpose(-1, -2)
             return torch.where(j[None] < self.key_cut[rows][:, None], stored, full)
-        idx = view(self.key_index[..., rows, :]) if self.key_index.dim() == full.dim() else self.key_index[..., rows, :]
+        idx = view(self.key_index[..., rows, :])  # (B, H_kv, Tr, T) into the caller's layout, as the keys
         out = full
         for i, kb in enumerate(self.keys[1:], start=1):
             out = torch.where(idx == i, q @ view(kb.detach()).transpose(-1, -2), out)

@@ -19,10 +19,14 @@ entries (straight-through gradient through the rounding).
 
 Deviations from MiKV: its outlier-aware channel balancing and its per-channel key quantization are not done
 (per-token groups for both), and the tier split (equal full and middle tiers under the byte budget) is ours; MiKV
-has one low-precision tier. Because the tiers come from attention, a policy that itself scores from attention
-(h2o, lru, lru_plus, ada_kv, quest) would form a joint process with them; those combinations, FlexGen's batched
-cache, and expert sharding with per-shard budgets are refused. Full, StreamingLLM and DuoAttention (their
-deployed, hard-gated visibility) and expert sharding without budgets compose exactly.
+has one low-precision tier.
+
+Composition: with full, StreamingLLM and DuoAttention the tiers rank what their deployed (hard-gated) cache
+holds; a policy that itself scores from attention (h2o, lru, lru_plus, ada_kv, quest) scores with the keys in
+their tiers while the tiers rank what it holds, one joint process that the training forward reproduces by
+alternating the two passes to their fixed point (:func:`pikv_train.models.attention.tiered_versions`). Expert
+sharding composes without per-shard budgets; per-shard budgets (a second eviction inside each stream) and
+FlexGen's batched cache are refused.
 """
 
 from __future__ import annotations
@@ -35,9 +39,6 @@ from torch import Tensor
 from pikv_train.cache.compression.base import KVCompressor, Store, Versions
 from pikv_train.cache.quant import group_dequantize, group_quantize
 from pikv_train.errors import ConfigError
-
-REFUSED_POLICIES = ("h2o", "lru", "lru_plus", "ada_kv", "quest", "flexgen")
-
 
 def top_n_mask(score: Tensor, n: Tensor, tiebreak: Tensor | None = None) -> Tensor:
     """The policies' rule (n best along the last dim, exact ties to the more recent position) with the positions

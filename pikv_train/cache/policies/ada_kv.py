@@ -100,6 +100,10 @@ class AdaKVScheduler(CachePolicy):
     """Adaptive per-head budgets (layer budget shared by heads, floor alpha) with SnapKV scores."""
 
     cache_cls = AdaKVCache
+    scores_by_attention = True
+
+    def held_mask(self, t, ctx):
+        return self.held_after_previous_row(ctx)
 
     def sizes(self, budget: int) -> tuple[int, int, int, int]:
         """(window w, selected per head on average, chunk C, per-head floor)."""

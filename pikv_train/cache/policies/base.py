@@ -177,6 +177,7 @@ class CachePolicy(AttentionHook):
             self.log_stats(ctx, None if mm is None else counts_from_mask_mod(mm, b, hkv, t, k.device), budget, k)
             return None
         m = self.mask(q, k, ctx, budget)
+        ctx.scratch["policy_own_mask"] = m  # (B|1, 1|H_kv, T, T) or None: what this policy alone lets rows read
         self.log_stats(ctx, None if m is None else m.expand(k.shape[0], k.shape[1], -1, -1).sum(-1), budget, k)
         return m
 
@@ -233,10 +234,26 @@ class CachePolicy(AttentionHook):
             return self.compressor.bytes_per_token_head(k.element_size(), self.reference_len or k.shape[2])
         return 2 * k.shape[-1] * k.element_size()
 
+    scores_by_attention = False
+    """Whether the policy's selection comes from attention scores (H2O, LRU, LRU+, AdaKV, Quest): a compressor
+    whose stored forms also do (MiKV) forms one joint process with it (models.attention.tiered_versions)."""
+
     def held_mask(self, t: int, ctx) -> Tensor | None:
         """(B|1, 1|H_kv, T, T) bool: keys j < t the deployed cache still holds when row t arrives (None: every
         earlier key). Used by compressors that rank what a stream holds (MiKV's tiers)."""
         return None
+
+    @staticmethod
+    def held_after_previous_row(ctx) -> Tensor | None:
+        """held_mask of a cache that keeps exactly what its previous row could read (it drops a key as soon as
+        the last row no longer sees it; the policy's own training mask is in ``ctx.scratch``): row t arrives to
+        row t - 1's keys and key t - 1."""
+        m = ctx.scratch.get("policy_own_mask")
+        if m is None:
+            return None
+        held = torch.zeros_like(m)
+        held[..., 1:, :] = m[..., :-1, :]
+        return held
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, n_layer: int, seq_len: int | None = None, sharding=None) -> "PolicyCache":

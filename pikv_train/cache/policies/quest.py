@@ -69,6 +69,7 @@ class QuestScheduler(CachePolicy):
     """Query-aware page selection (selection policy: C3 does not apply)."""
 
     evicts = False
+    scores_by_attention = True  # page bounds from the keys as read; it holds every key (held_mask None)
     cache_cls = QuestCache
 
     def __init__(self, cfg=None, model_cfg=None, **overrides):
@@ -108,6 +109,11 @@ class QuestScheduler(CachePolicy):
 
         if versions is None:
             u = bounds(k)
+        elif versions.chunk_tier is not None:  # rows of block c read every key in its form at c (MiKV's tiers)
+            u = torch.zeros(b, hkv, t, n_p, device=q.device)
+            for c in range(versions.chunk_tier.shape[2]):
+                rows = slice(c * versions.chunk, min((c + 1) * versions.chunk, t))
+                u[:, :, rows] = bounds(versions.keys_in_block(c))[:, :, rows]
         else:  # one bound per distinct cut (keys below it in stored form), each row taking its own
             u = torch.zeros(b, hkv, t, n_p, device=q.device)
             for c in torch.unique(versions.key_cut).tolist():

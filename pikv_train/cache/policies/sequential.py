@@ -117,6 +117,10 @@ class ChunkSequentialPolicy(CachePolicy):
 
     has_sinks = True
     uses_use_signal = True  # LRU / LRU+ need the 'used' statistics (frequency, last use); H2O does not
+    scores_by_attention = True
+
+    def held_mask(self, t, ctx):
+        return self.held_after_previous_row(ctx)
     cache_cls = SeqCache
 
     def sizes(self, budget: int) -> tuple[int, int, int, int]:
