@@ -70,8 +70,8 @@ def _cases() -> list[dict]:
 
 def _compatible(case: dict) -> bool:
     comp, policy = case["compressor"], case["policy"]
-    if comp == "pyramid":  # its tiers rank what each stream holds: not with per-shard budgets, nor FlexGen
-        return policy != "flexgen" and "shard_budget" not in case["sharding"]
+    if comp == "pyramid":  # not in FlexGen's batched cache
+        return policy != "flexgen"
     return not (comp == "quantized" and policy == "flexgen")
 
 
@@ -179,9 +179,6 @@ def _pairs() -> list[dict]:
         for comp in AXES["compressor"][1:]:
             case = dict(policy=policy, budget=0.5 if policy != "flexgen" else 0.25, chunk=next(chunks), kv_bits=0,
                         compressor=comp, **{a: next(c) for a, c in cycles.items()})
-            if comp == "pyramid" and policy != "flexgen":
-                while "shard_budget" in case["sharding"]:  # a combination that works (the refusals are below)
-                    case["sharding"] = next(cycles["sharding"])
             out.append(case)
     return out
 
@@ -228,3 +225,23 @@ def test_pyramid_decodes_as_it_trained_when_its_decisions_do_not_divide_the_sequ
         dec = decode_tokenwise(model, model.new_cache(), x, PREFILL)
     scale = float(train.abs().max())
     torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("policy,sharding", [("full", "by_routing+shard_budget"), ("h2o", "by_score+shard_budget"),
+                                             ("ada_kv", "by_routing+shard_budget"), ("quest", "by_score+shard_budget")])
+def test_pyramid_under_per_shard_budgets_decodes_as_it_trained(policy, sharding):
+    """MiKV's tiers with expert sharding's per-shard budgets (which limit what each row reads, not what the
+    stream holds): decoding equals training, and the shard budget really changes the logits."""
+    case = dict(policy=policy, budget=0.5, chunk=4, sharding=sharding, kv_bits=0, router="eplb", compressor="pyramid")
+    x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _build(case)
+        train = model.logits(model(x).hidden)
+        dec = decode_tokenwise(model, model.new_cache(), x, PREFILL)
+        unbounded = _build({**case, "sharding": sharding.split("+")[0]})
+        free = unbounded.logits(unbounded(x).hidden)
+    scale = float(train.abs().max())
+    torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
+    assert float((free - train).abs().max()) > 1e-3 * scale

@@ -25,8 +25,8 @@ Composition: with full, StreamingLLM and DuoAttention the tiers rank what their 
 holds; a policy that itself scores from attention (h2o, lru, lru_plus, ada_kv, quest) scores with the keys in
 their tiers while the tiers rank what it holds, one joint process that the training forward reproduces by
 alternating the two passes to their fixed point (:func:`pikv_train.models.attention.tiered_versions`). Expert
-sharding composes without per-shard budgets; per-shard budgets (a second eviction inside each stream) and
-FlexGen's batched cache are refused.
+sharding composes, per-shard budgets included (they limit what each row reads; the tiers' attention is over
+what rows read). FlexGen's batched cache is refused.
 """
 
 from __future__ import annotations
@@ -91,12 +91,6 @@ class PyramidCompressor(KVCompressor):
                           f"({low / full:.3f} of full precision): every token outside the recent window goes to the "
                           f"lowest tier and the cache holds more than the budget; raise byte_budget above "
                           f"{low / full:.3f}", stacklevel=2)
-
-    def attach(self, model) -> None:
-        sh = getattr(model, "kv_sharding", None)
-        if sh is not None and getattr(sh.cfg, "shard_budget", None) is not None:
-            raise ConfigError("cache.compressor.name=pyramid with kv_sharding.shard_budget is not supported (its tiers "
-                              "rank the tokens each stream holds); drop kv_sharding.shard_budget or use another compressor")
 
     # ------------------------------------------------------------------ forms and sizes
     def forms(self, x: Tensor) -> tuple[Tensor, Tensor]:
