@@ -208,6 +208,18 @@ class ExpertShardedKV(AttentionHook):
     def _bytes_per_layer(self, k: Tensor) -> float:
         return 2.0 * k.shape[1] * k.shape[-1] * k.element_size()
 
+    def _held(self, pos: Tensor, causal: Tensor, member: Tensor, fresh: Tensor) -> Tensor:
+        """(B, 1, T, T) keys a cache without its own eviction (``policy: full``) still holds when row t arrives,
+        under per-shard budgets: it drops key j after row t - 1 once no shard holds it (every shard of j has had
+        ``shard_budget`` newer members) and it is neither a sink nor in the window (``FullCache._step``)."""
+        alive = (fresh & member[:, None]).any(-1)  # (B, T, T): row t, key j still held by one of its shards
+        sink = pos[:, None, :] < self.cfg.n_sink
+        window = pos[:, :, None] + 1 - pos[:, None, :] < self.cfg.window
+        after = causal & (alive | sink | window)  # (B, T, T): kept after row t
+        held = torch.zeros_like(after)
+        held[:, 1:] = after[:, :-1]
+        return held[:, None]
+
     def training_mask(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> Tensor | None:
         prev = ctx.routing_by_layer.get(ctx.layer_idx - 1)
         stats = ctx.stats
@@ -224,6 +236,7 @@ class ExpertShardedKV(AttentionHook):
             if self.cfg.shard_budget is not None:
                 cnt = member.long().cumsum(1)  # (B, T, S) members of each shard up to each position
                 fresh = shard_freshness(cnt, cnt, self.cfg.shard_budget)  # (B, T, T, S)
+                ctx.scratch["shard_held"] = self._held(pos, causal, member, fresh)
             if self.cfg.read_mode == "by_routing":
                 mask = shard_visibility(pos, pos, member, member, self.cfg.n_sink, self.cfg.window, fresh)[:, None]
             else:

@@ -86,9 +86,10 @@ class CausalSelfAttention(nn.Module):
             attend_fn = getattr(cache, "attend", None)  # duck-typed caches without it use SDPA
             y = attend_fn(q, k, v, mask) if attend_fn is not None else None
         elif hooks:
+            stats0 = dict(ctx.stats) if ctx is not None else None  # before the hooks log this layer
             mask0, mask = mask, hook_masks(q, k, mask, hooks, ctx)
             if compressor is not None and getattr(compressor, "needs_visibility", False):
-                versions, mask = tiered_versions(compressor, hooks, layer_idx, q, k, v, mask0, mask, ctx)
+                versions, mask = tiered_versions(compressor, hooks, layer_idx, q, k, v, mask0, mask, ctx, stats0)
                 if ctx is not None:
                     ctx.versions = versions
             for h in hooks:
@@ -116,7 +117,7 @@ def hook_masks(q: Tensor, k: Tensor, mask: Tensor | None, hooks, ctx) -> Tensor 
 
 
 def tiered_versions(compressor, hooks, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, mask0: Tensor | None,
-                    mask: Tensor | None, ctx):
+                    mask: Tensor | None, ctx, stats0: dict):
     """Versions of a compressor whose stored forms come from the attention rows really pay (MiKV's tiers), and
     the hooks' mask that goes with them: (versions, mask).
 
@@ -127,7 +128,9 @@ def tiered_versions(compressor, hooks, layer_idx: int, q: Tensor, k: Tensor, v: 
     selection at a boundary) depends only on decisions at earlier boundaries (a tier change at s0 comes before
     the policy's decision at s0, as the cache reads before it steps), so alternating the two passes (the policy
     given the tiers, the tiers given the policy) fixes at least one more boundary per round and stops at the
-    unique fixed point, the sequential process itself: usually in two or three rounds.
+    unique fixed point, the sequential process itself (two to eight rounds in the tests: each is a no-grad policy
+    pass and a tier pass). ``stats0``: ``ctx.stats`` before the hooks first logged this layer, restored before
+    each round so the layer is logged once.
     """
     t = q.shape[2]
     policy = next(h for h in hooks if getattr(h, "compressor", None) is compressor)
@@ -140,7 +143,6 @@ def tiered_versions(compressor, hooks, layer_idx: int, q: Tensor, k: Tensor, v: 
         shard = ctx.prior_mask if hooks[-1] is policy else None  # what expert sharding lets each row read
         vis = vis if shard is None else vis & shard
         return compressor.versions(layer_idx, k, v, q=q, vis=vis, held=held), mask
-    stats = dict(ctx.stats)  # the policy logs once per layer: each round starts from the same statistics
     versions = None
     for _ in range(2 * t + 2):
         # Rows read what the hooks' mask shows (the policy's selection and the sharding rule); the tiers rank
@@ -150,7 +152,7 @@ def tiered_versions(compressor, hooks, layer_idx: int, q: Tensor, k: Tensor, v: 
             return new, mask
         versions = ctx.versions = new
         ctx.stats.clear()
-        ctx.stats.update(stats)
+        ctx.stats.update(stats0)
         mask = hook_masks(q, k, mask0, hooks, ctx)
     raise RuntimeError(f"{compressor.name} tiers and cache.policy={policy.cfg.policy} did not reach a fixed point")
 

@@ -519,3 +519,57 @@ def test_pyramid_ranking_is_the_policies_rule_with_positions_as_tiebreak():
         s[torch.rand(s.shape, generator=g) < 0.2] = float("-inf")
         n = torch.randint(0, 18, (3, 2), generator=g)
         assert torch.equal(top_n_mask(s, n), policies_rule(s, n, torch.arange(17).double()))
+
+
+def test_pyramid_store_keeps_the_codes_of_the_middle_tier_tokens_that_stay_when_another_one_goes_down():
+    """A re-tier that sends one middle-tier token to the lowest tier while later middle-tier tokens stay: every
+    token still decodes to its tier's form (the staying tokens' codes are not shifted into the leaver's slot)."""
+    from pikv_train.cache.compression import PyramidCompressor
+    from pikv_train.cache.compression import pyramid as P
+    from pikv_train.cache.compression.pyramid import PyramidStore
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, d_model=16, max_seq_len=32)  # head_dim 8
+    comp = PyramidCompressor(CompressorConfig(name="pyramid", group_size=4, recent=0, tier_every=1, byte_budget=0.9), cfg)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    store, pos = PyramidStore(comp, k), torch.arange(6)
+    store.commit({"k": k, "v": v}, pos, torch.ones(6, dtype=torch.bool))
+    forms = lambda x, tier: torch.where((tier == 0)[:, None], x, torch.where((tier == 1)[:, None], *comp.forms(x)))  # noqa: E731
+    for steps in ([1, 1, 1, 0, 0, 0], [1, 2, 1, 0, 2, 0], [2, 2, 1, 1, 2, 0]):
+        new = torch.tensor(steps)
+        orig, P.assign_tiers = P.assign_tiers, lambda imp, tier, cand, x: new
+        try:
+            store._retier(10, pos)
+        finally:
+            P.assign_tiers = orig
+        assert store.tier.tolist() == steps
+        got_k, got_v = store._decode()
+        torch.testing.assert_close(got_k, forms(k, new), rtol=0, atol=0)
+        torch.testing.assert_close(got_v, forms(v, new), rtol=0, atol=0)
+
+
+def test_a_joint_pyramid_and_policy_forward_logs_each_layer_once():
+    """Several rounds of the policy pass under MiKV, one set of cache statistics: bytes summed over the layers,
+    kept fraction averaged over them, as the last round of each layer gave them."""
+    from pikv_train.cache.policies.base import CachePolicy
+
+    model = _model(dict(name="pyramid", group_size=16, recent=4, tier_every=4, byte_budget=0.8), policy="h2o",
+                   budget=0.25, chunk_size=4, n_sink=2, reference_len=T)
+    last = {}
+    orig = CachePolicy.log_stats
+
+    def spy(self, ctx, vis, budget, k):
+        orig(self, ctx, vis, budget, k)
+        t = k.shape[2]
+        last[ctx.layer_idx] = (float((vis.float() / torch.arange(1, t + 1)).mean()),
+                               float(vis[..., -1].float().sum(1).mean() * self.bytes_per_token_head(k)))
+
+    CachePolicy.log_stats = spy
+    try:
+        with torch.no_grad():
+            stats = model(_ids()).stats
+    finally:
+        CachePolicy.log_stats = orig
+    assert len(last) == 2
+    assert float(stats["cache/bytes_stored"]) == pytest.approx(sum(b for _, b in last.values()), rel=1e-6)
+    assert float(stats["cache/kept_fraction"]) == pytest.approx(sum(f for f, _ in last.values()) / 2, rel=1e-6)

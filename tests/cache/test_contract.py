@@ -36,7 +36,7 @@ AXES = {
 COMPRESSORS = {  # small groups / residual so that KIVI quantizes within T; ranks and channel shares of head_dim 8
     "none": {},
     "quantized": dict(name="quantized", bits=2, group_size=4, residual=8),
-    "pyramid": dict(name="pyramid", group_size=4, recent=4, tier_every=4, byte_budget=0.4),
+    "pyramid": dict(name="pyramid", group_size=4, recent=4, tier_every=4, byte_budget=0.8),  # all three tiers fill
     "svd": dict(name="svd", rank=0.5),
     "lora": dict(name="lora", rank=0.25),
     "lora_plus": dict(name="lora_plus", rank=0.5),
@@ -228,11 +228,14 @@ def test_pyramid_decodes_as_it_trained_when_its_decisions_do_not_divide_the_sequ
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("policy,sharding", [("full", "by_routing+shard_budget"), ("h2o", "by_score+shard_budget"),
-                                             ("ada_kv", "by_routing+shard_budget"), ("quest", "by_score+shard_budget")])
+@pytest.mark.parametrize("policy,sharding", [("full", "by_routing+shard_budget"), ("full", "by_score+shard_budget"),
+                                             ("h2o", "by_score+shard_budget"), ("ada_kv", "by_routing+shard_budget"),
+                                             ("quest", "by_score+shard_budget"), ("streaming_llm", "by_routing+shard_budget"),
+                                             ("duo_attention", "by_score+shard_budget"), ("lru_plus", "by_routing+shard_budget")])
 def test_pyramid_under_per_shard_budgets_decodes_as_it_trained(policy, sharding):
-    """MiKV's tiers with expert sharding's per-shard budgets (which limit what each row reads, not what the
-    stream holds): decoding equals training, and the shard budget really changes the logits."""
+    """MiKV's tiers with expert sharding's per-shard budgets (what each row reads; under ``policy: full`` also
+    what the cache holds, a key leaving once no shard holds it): decoding equals training, and the shard budget
+    really changes the logits."""
     case = dict(policy=policy, budget=0.5, chunk=4, sharding=sharding, kv_bits=0, router="eplb", compressor="pyramid")
     x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), warnings.catch_warnings():

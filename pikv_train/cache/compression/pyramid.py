@@ -25,8 +25,8 @@ Composition: with full, StreamingLLM and DuoAttention the tiers rank what their 
 holds; a policy that itself scores from attention (h2o, lru, lru_plus, ada_kv, quest) scores with the keys in
 their tiers while the tiers rank what it holds, one joint process that the training forward reproduces by
 alternating the two passes to their fixed point (:func:`pikv_train.models.attention.tiered_versions`). Expert
-sharding composes, per-shard budgets included (they limit what each row reads; the tiers' attention is over
-what rows read). FlexGen's batched cache is refused.
+sharding composes, per-shard budgets included (they limit what each row reads, and under ``policy: full``
+what the cache holds, which the tiers then rank). FlexGen's batched cache is refused.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class PyramidStore(Store):
         # middle-tier token its stored values (the same numbers), so the stored form does not depend on the path.
         mid_k = torch.where((old == 1)[:, None], k, comp.forms(k)[0])
         mid_v = torch.where((old == 1)[:, None], v, comp.forms(v)[0])
-        q1 = _assemble(new == 1, [(old == 1, self.q[1], old == 1)], (to1, k, v, comp.hi, comp.group))
+        q1 = _assemble(new == 1, [((old == 1) & (new == 1), self.q[1], old == 1)], (to1, k, v, comp.hi, comp.group))
         q2 = _assemble(new == 2, [(old == 2, self.q[2], old == 2)], (to2, mid_k, mid_v, comp.lo, comp.group))
         self.full_k, self.full_v = k[new == 0], v[new == 0]
         self.q = {1: q1, 2: q2}

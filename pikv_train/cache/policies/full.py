@@ -54,3 +54,7 @@ class FullScheduler(CachePolicy):
 
     def mask_mod(self, q, k, ctx, budget):
         return None
+
+    def held_mask(self, t, ctx):
+        """Every earlier key, except those per-shard budgets retire (see ``FullCache``; the sharding hook's)."""
+        return ctx.scratch.get("shard_held")
