@@ -132,10 +132,6 @@ class CacheConfig:
         if name != "none" and self.kv_bits:
             raise ConfigError(f"{k}kv_bits={self.kv_bits} and {k}compressor.name={name} both compress the stored "
                               f"keys/values; keep one (set {k}kv_bits 0 or {k}compressor.name none)")
-        if name in ("quantized", "pyramid") and self.policy == "flexgen":
-            raise ConfigError(f"{k}policy=flexgen with {k}compressor.name={name} is not supported (FlexGen's cache is "
-                              f"batched, KIVI/MiKV storage is per sequence); use FlexGen's own {k}kv_bits 4, or "
-                              "another policy with this compressor")
         return self
 
     @classmethod

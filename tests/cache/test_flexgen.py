@@ -11,7 +11,7 @@ from helpers import decode_tokenwise
 
 from pikv_train.cache import CacheConfig, build_policy
 from pikv_train.cache.quant import bytes_per_vector, fake_quantize, group_dequantize, group_quantize
-from pikv_train.errors import ConfigError
+from pikv_train.errors import ConfigError, RollbackError
 from pikv_train.models import Decoder, ModelConfig, generate
 
 T = 24
@@ -165,3 +165,93 @@ def test_cuda_compressed_training_forward_matches_cpu():
     out = model(x.cuda())  # FlexAttention over [Q(k) ; k] with a non-causal mask_mod
     out.hidden.sum().backward()
     torch.testing.assert_close(out.hidden.cpu(), ref, atol=2e-4, rtol=2e-4)
+
+
+VERSIONED = {  # small groups / residual / tiers so that every stored form appears within T tokens
+    "quantized": dict(name="quantized", bits=2, group_size=4, residual=8),
+    "pyramid": dict(name="pyramid", group_size=4, recent=4, tier_every=4, byte_budget=0.8),
+}
+
+
+def _peaky(model):
+    with torch.no_grad():  # large q/k: most rows put most of their mass on one key (the sparse top-k matters)
+        for blk in model.blocks:
+            blk.attn.q_proj.weight.mul_(20.0)
+            blk.attn.kv_proj.weight[: model.cfg.n_kv_head * model.cfg.head_dim].mul_(20.0)
+    return model
+
+
+@pytest.mark.parametrize("comp", VERSIONED)
+@pytest.mark.parametrize("sparsity", [0.5, 1.0])
+def test_flexgen_places_versioned_stores_and_decodes_as_it_trained(comp, sparsity):
+    """KIVI / MiKV under FlexGen: decoding equals the training forward; the rows of tokens older than the budget
+    live on the host; the bytes are those of the same stores without placement (placement moves, never adds)."""
+    model, pol = _model(budget=8, attn_sparsity=sparsity, compressor=VERSIONED[comp])
+    _peaky(model)
+    x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        train = model.logits(model(x).hidden)
+        cache = pol.new_cache(model.cfg.n_layer)
+        dec = decode_tokenwise(model, cache, x, 5)
+        full_pol = build_policy(CacheConfig(compressor=VERSIONED[comp]), model.cfg)  # policy full, same stores
+        ref = full_pol.new_cache(model.cfg.n_layer)
+        model.set_cache_policy(full_pol)
+        dense = decode_tokenwise(model, ref, x, 5)
+    scale = float(train.abs().max())
+    torch.testing.assert_close(dec, train, rtol=1e-4, atol=1e-4 * scale)
+    if sparsity < 1:  # FlexGen's sparse values really act on the tiered / quantized keys
+        assert float((dense - train).abs().max()) > 1e-3 * scale
+    else:
+        torch.testing.assert_close(dec, dense, rtol=1e-5, atol=1e-5 * scale)
+    assert cache.bytes_stored() == ref.bytes_stored()
+    assert cache.bytes_on_host() > 0 and cache.bytes_on_host() + cache.bytes_on_device() == cache.bytes_stored()
+    for layer in cache.store:
+        for row in layer:
+            for st in row:
+                placed, cut = st["kv"], st["pos"][-8]  # the oldest of the 8 most recent tokens
+                host = {(id(h), n): len(rows) for h, n, rows in placed._host}
+                assert all(str(rows.device) == "cpu" for _, _, rows in placed._host)
+                dev = {(id(h), n): len(getattr(h, n)) for h, n, _ in placed._host}
+                placed._join()  # every row back in one tensor: placed_rows gives each row's position
+                n_key_rows = 0
+                for h, n, p in placed.inner.placed_rows(st["pos"]):
+                    assert host.get((id(h), n), 0) == int((p < cut).sum())  # the older rows were on the host
+                    assert dev.get((id(h), n), len(p)) == int((p >= cut).sum())  # the device kept the recent ones
+                    n_key_rows += host.get((id(h), n), 0) if n in ("k_codes", "k_res") else 0
+                if comp == "quantized":
+                    assert n_key_rows == T - 8  # every key older than the 8 most recent is on the host
+    with pytest.raises(RollbackError, match="snapshot"):
+        cache.rollback(torch.tensor([T - 3, T - 3]))
+
+
+@pytest.mark.parametrize("comp", VERSIONED)
+def test_sparse_attention_over_stored_forms_keeping_everything_is_the_versioned_attention(comp):
+    """sparse_attention_versions with sparsity 1 keeps every weight: it must equal the versioned SDPA (the
+    per-(row, key) stored forms are combined right, for KIVI's blocks and MiKV's per-pair tiers alike)."""
+    from pikv_train.cache.compression import build_compressor
+    from pikv_train.cache.compression.config import CompressorConfig
+    from pikv_train.cache.policies.flexgen import sparse_attention_versions
+    from pikv_train.models.attention import attend
+
+    cfg = ModelConfig.preset("nano", n_head=4, n_kv_head=2)
+    comp_obj = build_compressor(CompressorConfig.from_any(VERSIONED[comp]), cfg)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, h, T, 8, generator=g) * 3 for h in (4, 2, 2))
+    ver = comp_obj.versions(0, k, v, q=q) if comp == "pyramid" else comp_obj.versions(0, k, v)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    ref = attend(q, k, v, causal, 2, ver)
+    torch.testing.assert_close(sparse_attention_versions(q, ver, causal, 1.0), ref, rtol=1e-5, atol=1e-5)
+    assert float((sparse_attention_versions(q, ver, causal, 0.3) - ref).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("comp", VERSIONED)
+def test_flexgen_with_a_versioned_compressor_trains_and_generates_with_left_padding(comp):
+    model, pol = _model(budget=6, attn_sparsity=0.5, compressor=VERSIONED[comp])
+    model.train()
+    model.logits(model(torch.randint(0, 258, (2, T))).hidden).logsumexp(-1).mean().backward()
+    assert model.blocks[0].attn.kv_proj.weight.grad.abs().sum() > 0  # straight through the stored forms
+    model.eval()
+    prompts = [torch.randint(0, 258, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 9)]
+    one = generate(model, [prompts[0]], 10, temperature=0, cache_factory=pol.new_cache)
+    two = generate(model, prompts, 10, temperature=0, cache_factory=pol.new_cache)
+    assert torch.equal(one.tokens[0, -10:], two.tokens[0, -10:])  # left padding does not leak

@@ -105,6 +105,13 @@ class Versions:
             out.append(y.view(b, m, h, c, hd).transpose(1, 2).reshape(b, h, m * c, hd))
         return torch.cat(out, 2)[:, :, :t]
 
+    def blocks(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(keys, values, select) per stored form: row t reads key/value j from the one block whose select
+        (B|1, H_kv|1, T, T) bool holds (t, j) (for attention that is not one SDPA call: FlexGen's sparse values)."""
+        if self.key_index is None:
+            return list(zip(self.keys, self.values, self.select))
+        return [(k, v, self.key_index == i) for i, (k, v) in enumerate(zip(self.keys, self.values))]
+
     def keys_in_block(self, c: int) -> Tensor:
         """(B, H_kv, T, hd) the keys as the rows of block c read them (no gradient)."""
         forms = torch.stack([x.detach() for x in self.keys], 2)  # (B, H_kv, n_forms, T, hd)
@@ -154,6 +161,12 @@ class Store:
 
     def nbytes(self) -> int:
         return tensors_nbytes(vars(self))
+
+    def placed_rows(self, pos: Tensor) -> list[tuple[object, str, Tensor]]:
+        """The per-token payload FlexGen's placement may move to host memory: ``(holder, attribute, row
+        positions)`` for each tensor whose rows are tokens in position order (``pos`` (S,): the stored tokens'
+        positions). Tables that every read needs (group ranges, scores) are not listed and stay on the device."""
+        return []
 
 
 class RawStore(Store):

@@ -123,6 +123,12 @@ class KIVIStore(Store):
         self._drop_unused_groups(pos_all[keep][: len(self.k_codes)])
 
 
+    def placed_rows(self, pos):
+        nq, mq = len(self.k_codes), len(self.v_codes)
+        return [(self, "k_codes", pos[:nq]), (self, "k_res", pos[nq:]),
+                *((self, f, pos[:mq]) for f in ("v_codes", "v_mn", "v_scale")), (self, "v_full", pos[mq:])]
+
+
 def group_dequantize_rows(codes, mn, scale, bits, group, dim, dtype) -> Tensor:
     """Per-token group-quantized rows (n, D_pad * b / 8) -> (n, dim)."""
     c = unpack(codes, bits)

@@ -26,7 +26,8 @@ holds; a policy that itself scores from attention (h2o, lru, lru_plus, ada_kv, q
 their tiers while the tiers rank what it holds, one joint process that the training forward reproduces by
 alternating the two passes to their fixed point (:func:`pikv_train.models.attention.tiered_versions`). Expert
 sharding composes, per-shard budgets included (they limit what each row reads, and under ``policy: full``
-what the cache holds, which the tiers then rank). FlexGen's batched cache is refused.
+what the cache holds, which the tiers then rank). Under FlexGen the tiered stores are placed between device and host
+(:mod:`pikv_train.cache.policies.flexgen_stores`).
 """
 
 from __future__ import annotations
@@ -259,6 +260,13 @@ class PyramidStore(Store):
                 kept_old = keep[: len(tier) - n_new][sel_old]
                 gk, gv = self.q[i]
                 self.q[i] = None if not bool(kept_old.any()) else (_select(gk, kept_old), _select(gv, kept_old))
+
+    def placed_rows(self, pos):
+        out = [(self, "full_k", pos[self.tier == 0]), (self, "full_v", pos[self.tier == 0])]
+        for i in (1, 2):
+            for qt in self.q[i] or ():
+                out += [(qt, f, pos[self.tier == i]) for f in ("codes", "mn", "scale")]
+        return out
 
     def nbytes(self) -> int:
         from pikv_train.cache.policies.base import tensor_bytes

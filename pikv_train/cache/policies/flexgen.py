@@ -25,6 +25,11 @@ drops the rest without renormalising (FlexGen's ``_sparse_attention_value``, whi
 values from host memory). Training forward and inference cache use the same function, on every row:
 FlexGen applies it at decode steps only and runs the prompt dense, so prefill rows differ from FlexGen's
 (and match the training forward and token-by-token decoding exactly).
+
+With a storage compressor (``cache.compressor``; ``kv_bits`` must then be 0) the parts hold its codes; a
+versioned one (KIVI, MiKV), whose stored form of a token depends on the reading position, keeps per-(sequence,
+kv-head) stores that FlexGen places between device and host (:mod:`pikv_train.cache.policies.flexgen_stores`),
+and sparse values are taken over the keys as each row reads them (:func:`sparse_attention_versions`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,25 @@ from pikv_train.cache.quant import GroupQuantized, bytes_per_vector, fake_quanti
 from pikv_train.errors import RollbackError
 
 
+def sparse_keep(p: Tensor, vis: Tensor, own: Tensor, sparsity: float) -> Tensor:
+    """FlexGen's kept weights: own key + the top ``int(s * n_past)`` past keys of each row by weight ``p``.
+
+    p (B, H, Tq, S) softmax weights; vis, own (B|1, H|1, Tq, S) bool. Returns (B, H, Tq, S) bool (no gradient).
+    """
+    with torch.no_grad():
+        past = vis & ~own
+        # FlexGen: int(attn_sparsity * (src_s - 1)) in Python doubles; fp32 would round 0.7 * 90 to 63, not 62.
+        n_keep = (past.sum(-1, keepdim=True).double() * sparsity).floor()
+        order = p.masked_fill(~past, -1.0).argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(p.shape[-1], device=p.device).expand_as(order))
+        return (past & (rank < n_keep)) | (own & vis)
+
+
+def _rep(m: Tensor, g: int) -> Tensor:
+    """(B|1, H_kv|1, ...) -> per query head (kv-head masks repeated ``g`` times)."""
+    return m.repeat_interleave(g, 1) if m.shape[1] > 1 and g > 1 else m
+
+
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, own: Tensor, sparsity: float) -> Tensor:
     """FlexGen sparse attention: softmax over ``vis``, keep own key + top ``int(s * n_past)`` past keys.
 
@@ -50,18 +74,29 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, own: Tensor, 
     """
     b, h, tq, d = q.shape
     g = h // k.shape[1]
-    rep = lambda m: m.repeat_interleave(g, 1) if m.shape[1] > 1 and g > 1 else m  # noqa: E731
-    vis, own = rep(vis), rep(own)
+    vis, own = _rep(vis, g), _rep(own, g)
     kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     p = (q @ kk.transpose(-1, -2) / math.sqrt(d)).masked_fill(~vis, float("-inf")).softmax(-1)  # (B, H, Tq, S)
-    with torch.no_grad():
-        past = vis & ~own
-        # FlexGen: int(attn_sparsity * (src_s - 1)) in Python doubles; fp32 would round 0.7 * 90 to 63, not 62.
-        n_keep = (past.sum(-1, keepdim=True).double() * sparsity).floor()
-        order = p.masked_fill(~past, -1.0).argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(p.shape[-1], device=p.device).expand_as(order))
-        keep = (past & (rank < n_keep)) | (own & vis)
-    return (p * keep) @ vv
+    return (p * sparse_keep(p, vis, own, sparsity)) @ vv
+
+
+def sparse_attention_versions(q: Tensor, versions, vis: Tensor, sparsity: float) -> Tensor:
+    """:func:`sparse_attention` when row t reads key/value j in a stored form that depends on (t, j) (a versioned
+    compressor's :class:`~pikv_train.cache.compression.Versions`: KIVI's residual, MiKV's tiers). The weights
+    come from the logits over the keys as each row reads them and multiply the values as it reads them, which is
+    what the cache computes over the decoded stored forms. q (B, H, T, hd); vis (B|1, 1|H_kv, T, T) bool causal."""
+    b, h, t, d = q.shape
+    g = h // versions.keys[0].shape[1]
+    to4 = lambda m: m.view((1,) * (4 - m.dim()) + tuple(m.shape))  # noqa: E731  (T, T) selects: every head
+    blocks = [(k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), _rep(to4(sel), g)) for k, v, sel in versions.blocks()]
+    logits = q.new_zeros(b, h, t, t)
+    for k, _, sel in blocks:  # the selects partition the causal pairs
+        logits = torch.where(sel, q @ k.transpose(-1, -2) / math.sqrt(d), logits)
+    vis = _rep(vis, g)
+    own = torch.eye(t, dtype=torch.bool, device=q.device) & vis
+    p = logits.masked_fill(~vis, float("-inf")).softmax(-1)  # (B, H, T, T)
+    w = p * sparse_keep(p, vis, own, sparsity)
+    return sum((w * sel) @ v for _, v, sel in blocks)
 
 
 class FlexGenCache(KVCache):
@@ -231,7 +266,16 @@ class FlexGenScheduler(CachePolicy):
 
     evicts = False
     skips_when_budget_covers = False  # the budget places memory; compression and sparsity still apply
-    cache_cls = FlexGenCache
+
+    @property
+    def cache_cls(self):
+        """The batched device/host cache; per-(sequence, kv-head) stores under a versioned compressor (KIVI,
+        MiKV), whose stored forms change with the reading position."""
+        if getattr(self.compressor, "versioned", False):
+            from pikv_train.cache.policies.flexgen_stores import FlexGenStoreCache
+
+            return FlexGenStoreCache
+        return FlexGenCache
 
     def mask(self, q, k, ctx, budget):
         return None  # placement and compression do not change which keys are read
@@ -258,6 +302,8 @@ class FlexGenScheduler(CachePolicy):
             return super().attend(q, k, v, mask, ctx)
         t = q.shape[2]
         vis = causal_mask(t, q.device)[None, None] if mask is None else mask
+        if getattr(ctx, "versions", None) is not None:  # a versioned compressor (kv_bits is refused beside it)
+            return sparse_attention_versions(q, ctx.versions, vis, cfg.attn_sparsity)
         eye = torch.eye(t, dtype=torch.bool, device=q.device).expand_as(vis)
         if cfg.kv_bits:  # keys [Q(k) ; k]: earlier tokens quantized (straight-through), own key exact
             keys = torch.cat([fake_quantize(k, cfg.kv_bits, cfg.kv_group_size), k], 2)
