@@ -129,6 +129,11 @@ class CacheConfig:
         check_range(k + "duo_l1_weight", self.duo_l1_weight, lo=0, fix=f"set {k}duo_l1_weight >= 0")
         self.compressor = CompressorConfig.from_any(self.compressor).validate()
         name = self.compressor.name
+        from pikv_train.cache.compression.config import TOKEN_COMPRESSORS
+
+        if name in TOKEN_COMPRESSORS and self.policy != "full":
+            raise ConfigError(f"{k}compressor.name={name} chooses which tokens stay, as {k}policy={self.policy} does; "
+                              f"keep one (set {k}policy full to use {name})")
         if name != "none" and self.kv_bits:
             raise ConfigError(f"{k}kv_bits={self.kv_bits} and {k}compressor.name={name} both compress the stored "
                               f"keys/values; keep one (set {k}kv_bits 0 or {k}compressor.name none)")
@@ -162,6 +167,10 @@ def build_policy(cfg: CacheConfig | dict | None, model_cfg=None):
     if cfg.validate().policy == "full" and cfg.compressor.name == "none":
         return None
     from pikv_train.cache import policies as P
+    from pikv_train.cache.compression import TOKEN_COMPRESSORS, token_compressor_class
+
+    if cfg.compressor.name in TOKEN_COMPRESSORS:  # the token compressor is the policy
+        return token_compressor_class(cfg.compressor.name)(cfg, model_cfg)
 
     cls = {
         "full": P.FullScheduler,

@@ -1,11 +1,13 @@
-"""KV storage compressors (SPEC §6): how each kept token's key and value are stored.
+"""KV compressors (SPEC §6). Storage compressors (how each kept token's key and value are stored) are held by
+the cache policy, so they compose with every policy and with expert sharding, train with the student and are
+checkpointed. Token compressors (FastV, PyramidKV, ChunkKV: which tokens stay) take the policy's place
+(``cache.policy: full``) and compose with expert sharding.
 
-Selected with ``model.init_args.cache.compressor: {name: ..., ...}``; the cache policy holds the compressor,
-so it composes with every policy and with expert sharding, trains with the student and is checkpointed.
+Selected with ``model.init_args.cache.compressor: {name: ..., ...}``.
 """
 
 from pikv_train.cache.compression.base import KVCompressor, Store, Versions
-from pikv_train.cache.compression.config import COMPRESSORS, CompressorConfig
+from pikv_train.cache.compression.config import COMPRESSORS, TOKEN_COMPRESSORS, CompressorConfig
 from pikv_train.cache.compression.kivi import QuantizedCompressor
 from pikv_train.cache.compression.lowrank import LoRACompressor, LoRaPlusPlusCompressor, SVDCompressor
 from pikv_train.cache.compression.pyramid import PyramidCompressor
@@ -21,10 +23,35 @@ REGISTRY = {
 }
 
 
+# Token compressors are cache policies (they import the policy machinery, which imports this package's config):
+# loaded on first use.
+TOKEN_REGISTRY = {
+    "fastv": ("pikv_train.cache.compression.fastv", "FastVCompressor"),
+    "pyramid_kv": ("pikv_train.cache.compression.pyramid_kv", "PyramidKVCompressor"),
+    "chunk_kv": ("pikv_train.cache.compression.chunk_kv", "ChunkKVCompressor"),
+}
+
+
+def token_compressor_class(name: str):
+    """The policy class of a token compressor (``fastv``, ``pyramid_kv``, ``chunk_kv``)."""
+    import importlib
+
+    module, cls = TOKEN_REGISTRY[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def __getattr__(name):  # FastVCompressor, PyramidKVCompressor, ChunkKVCompressor under the seed's names
+    for key, (_, cls) in TOKEN_REGISTRY.items():
+        if cls == name:
+            return token_compressor_class(key)
+    raise AttributeError(name)
+
+
 def build_compressor(cfg: CompressorConfig | dict | str | None, model_cfg) -> KVCompressor | None:
-    """The compressor for ``cfg`` (None for ``none``); ``model_cfg`` gives the head sizes."""
+    """The storage compressor for ``cfg`` (None for ``none`` and for token compressors, which are the policy);
+    ``model_cfg`` gives the head sizes."""
     cfg = CompressorConfig.from_any(cfg).validate()
-    if cfg.name == "none":
+    if cfg.name == "none" or cfg.name in TOKEN_COMPRESSORS:
         return None
     if cfg.name not in REGISTRY:
         from pikv_train.errors import ConfigError
@@ -40,6 +67,6 @@ def build_compressor(cfg: CompressorConfig | dict | str | None, model_cfg) -> KV
 
 
 __all__ = [
-    "COMPRESSORS", "CompressorConfig", "KVCompressor", "LoRACompressor", "LoRaPlusPlusCompressor", "PruningCompressor",
+    "COMPRESSORS", "TOKEN_COMPRESSORS", "ChunkKVCompressor", "CompressorConfig", "FastVCompressor", "PyramidKVCompressor", "KVCompressor", "LoRACompressor", "LoRaPlusPlusCompressor", "PruningCompressor",
     "PyramidCompressor", "QuantizedCompressor", "SVDCompressor", "Store", "Versions", "build_compressor",
 ]

@@ -1,7 +1,8 @@
-"""Typed settings of the KV storage compressor (``cache.compressor:`` in recipes), SPEC §6.
+"""Typed settings of the KV compressor (``cache.compressor:`` in recipes), SPEC §6.
 
-One dataclass for the six storage compressors; fields of compressors other than the selected one are
-ignored. Every default is the published one where the paper has one.
+One dataclass for the storage compressors (how a kept token is stored) and the token compressors (which tokens
+are kept: FastV, PyramidKV, ChunkKV); fields of compressors other than the selected one are ignored. Every
+default is the published one where the paper has one.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ from typing import Literal
 
 from pikv_train.errors import ConfigError, bad_value, check_range
 
-CompressorName = Literal["none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning"]
-COMPRESSORS = ("none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning")
+CompressorName = Literal["none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning", "fastv", "pyramid_kv",
+                         "chunk_kv"]
+TOKEN_COMPRESSORS = ("fastv", "pyramid_kv", "chunk_kv")
+"""Compressors that choose which tokens stay (they act as the cache policy: ``cache.policy`` must be ``full``)."""
+COMPRESSORS = ("none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning") + TOKEN_COMPRESSORS
 KEY = "model.init_args.cache.compressor."
 
 
 @dataclass
 class CompressorConfig:
     """How each kept token's key and value are stored (none | quantized | pyramid | svd | lora | lora_plus |
-    pruning); which tokens are kept is the cache policy's job."""
+    pruning), or which tokens are kept (fastv | pyramid_kv | chunk_kv: token compressors, which take the cache
+    policy's place)."""
 
     name: CompressorName = "none"
     """none | quantized (KIVI) | pyramid (MiKV mixed precision) | svd (Palu) | lora (learned latent) |
-    lora_plus (lora with LoRA+ learning rates) | pruning (ThinK key channels)."""
+    lora_plus (lora with LoRA+ learning rates) | pruning (ThinK key channels) | fastv (FastV) | pyramid_kv
+    (PyramidKV) | chunk_kv (ChunkKV)."""
 
     # -- quantized (KIVI) and pyramid's low tiers
     bits: int = 2
@@ -55,6 +61,28 @@ class CompressorConfig:
     keep_channels: float = 0.6
     """Fraction of key channels kept per kv-head (ThinK's pruning ratio 0.4 keeps 0.6)."""
 
+    # -- token compressors (fastv, pyramid_kv, chunk_kv): SnapKV-style observation window, decided causally
+    obs_window: int = 32
+    """Observation window w: the last w rows before a decision score the held keys, and the w most recent keys
+    are always kept (capped at half the budget for pyramid_kv / chunk_kv). SnapKV / PyramidKV use 32-64."""
+    pool_kernel: int = 5
+    """Pooling kernel over key positions of the window scores (SnapKV / PyramidKV / ChunkKV: 5; FastV: none)."""
+    pooling: Literal["avgpool", "maxpool"] = "avgpool"
+    """avgpool (PyramidKV's default) | maxpool."""
+    pyramid_beta: int = 20
+    """PyramidKV beta: the top layer keeps (budget - w) / beta selected tokens, the bottom layer
+    2 (budget - w) - that, linearly in between (the same total as a uniform budget)."""
+    chunk_length: int = 10
+    """ChunkKV: tokens per chunk (kept or dropped whole; ChunkKV: 10)."""
+    reuse_layers: int = 2
+    """ChunkKV layer-wise index reuse: each group of this many consecutive layers keeps the chunks its first
+    layer selects (1 = every layer selects)."""
+    fastv_layer: int = 2
+    """FastV K: layers up to and including K keep every token; layer K's attention chooses what the later layers
+    keep (FastV: K = 2)."""
+    fastv_ratio: float = 0.5
+    """FastV R: the share of the tokens outside the window that the layers after K drop (FastV: 50%)."""
+
     def validate(self) -> "CompressorConfig":
         if self.name not in COMPRESSORS:
             raise bad_value(KEY + "name", self.name, f"choose one of {', '.join(COMPRESSORS)}", f"fix {KEY}name")
@@ -85,6 +113,17 @@ class CompressorConfig:
                     fix=f"set {KEY}lora_plus_ratio > 0 (LoRA+: 16)")
         check_range(KEY + "keep_channels", self.keep_channels, lo=0, hi=1, lo_open=True,
                     fix=f"set {KEY}keep_channels in (0, 1] (ThinK: 0.6)")
+        for f, lo, note in (("obs_window", 1, "SnapKV: 32"), ("pool_kernel", 1, "1 = no pooling; SnapKV: 5"),
+                            ("pyramid_beta", 1, "PyramidKV: 20"), ("chunk_length", 1, "ChunkKV: 10"),
+                            ("reuse_layers", 1, "1 = every layer selects"), ("fastv_layer", 0, "FastV: 2")):
+            check_range(KEY + f, getattr(self, f), lo=lo, fix=f"set {KEY}{f} >= {lo} ({note})")
+        if self.pool_kernel % 2 == 0:
+            raise bad_value(KEY + "pool_kernel", self.pool_kernel, "must be odd (centred pooling)",
+                            f"set {KEY}pool_kernel to an odd number (SnapKV: 5)")
+        if self.pooling not in ("avgpool", "maxpool"):
+            raise bad_value(KEY + "pooling", self.pooling, "choose avgpool or maxpool", f"fix {KEY}pooling")
+        check_range(KEY + "fastv_ratio", self.fastv_ratio, lo=0, hi=1, hi_open=True,
+                    fix=f"set {KEY}fastv_ratio in [0, 1) (FastV: 0.5)")
         return self
 
     def rank_for(self, head_dim: int) -> int:
