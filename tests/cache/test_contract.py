@@ -168,10 +168,11 @@ def _pairs() -> list[dict]:
     out = []
     for policy in AXES["policy"]:
         for comp in AXES["compressor"][1:]:
-            # budget 0.5: FlexGen's sparse values on (attn_sparsity 0.5 in _build) over each compressor's stored forms
-            case = dict(policy=policy, budget=0.5, chunk=next(chunks), kv_bits=0,
-                        compressor=comp, **{a: next(c) for a, c in cycles.items()})
-            out.append(case)
+            # FlexGen at budget 0.5 has sparse values on (attn_sparsity 0.5 in _build) over each compressor's stored
+            # forms, at 0.25 placement only
+            for budget in (0.5, 0.25) if policy == "flexgen" else (0.5,):
+                out.append(dict(policy=policy, budget=budget, chunk=next(chunks), kv_bits=0,
+                                compressor=comp, **{a: next(c) for a, c in cycles.items()}))
     return out
 
 

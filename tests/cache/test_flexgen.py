@@ -204,7 +204,12 @@ def test_flexgen_places_versioned_stores_and_decodes_as_it_trained(comp, sparsit
     else:
         torch.testing.assert_close(dec, dense, rtol=1e-5, atol=1e-5 * scale)
     assert cache.bytes_stored() == ref.bytes_stored()
-    assert cache.bytes_on_host() > 0 and cache.bytes_on_host() + cache.bytes_on_device() == cache.bytes_stored()
+    from pikv_train.cache.policies.base import tensor_bytes
+
+    states = [st for layer in cache.store for row in layer for st in row]
+    host = sum(rows.numel() * rows.element_size() for st in states for _, _, rows in st["kv"]._host)
+    device = sum(st["kv"].inner.nbytes() + tensor_bytes({n: x for n, x in st.items() if n != "kv"}) for st in states)
+    assert cache.bytes_on_host() == host > 0 and cache.bytes_on_device() == device and host + device == ref.bytes_stored()
     for layer in cache.store:
         for row in layer:
             for st in row:
@@ -255,3 +260,32 @@ def test_flexgen_with_a_versioned_compressor_trains_and_generates_with_left_padd
     one = generate(model, [prompts[0]], 10, temperature=0, cache_factory=pol.new_cache)
     two = generate(model, prompts, 10, temperature=0, cache_factory=pol.new_cache)
     assert torch.equal(one.tokens[0, -10:], two.tokens[0, -10:])  # left padding does not leak
+    # The logits too: the short prompt left-padded in a batch with the long one, against it alone.
+    pad = torch.cat([torch.zeros(5, dtype=torch.long), prompts[0]])
+    x = torch.stack([pad, prompts[1]])
+    pos = torch.stack([torch.arange(9) - 5, torch.arange(9)]).clamp_min(-1)
+    pos[0, :5] = -1
+    with torch.no_grad():
+        alone = decode_tokenwise(model, pol.new_cache(model.cfg.n_layer), prompts[0][None], 1)
+        cache = pol.new_cache(model.cfg.n_layer)
+        both = torch.cat([model.logits(model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache).hidden)
+                          for i in range(9)], 1)
+    torch.testing.assert_close(both[0, 5:], alone[0], rtol=1e-4, atol=1e-4 * float(alone.abs().max()))
+
+
+@pytest.mark.parametrize("comp", VERSIONED)
+def test_flexgen_versioned_cache_snapshot_and_restore(comp):
+    """The rollback error points at snapshot/restore: restoring gives back the stores, their host rows included."""
+    model, pol = _model(budget=6, attn_sparsity=0.5, compressor=VERSIONED[comp])
+    x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cache = pol.new_cache(model.cfg.n_layer)
+        decode_tokenwise(model, cache, x[:, :16], 16)  # a 16-token prompt (fed row by row)
+        snap, n_bytes = cache.snapshot(), cache.bytes_stored()
+        pos = torch.arange(T).expand(2, -1)
+        first = [model.logits(model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache).hidden) for i in (16, 17)]
+        cache.restore(snap)
+        assert cache.bytes_stored() == n_bytes
+        again = [model.logits(model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache).hidden) for i in (16, 17)]
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -107,7 +107,7 @@ class Versions:
 
     def blocks(self) -> list[tuple[Tensor, Tensor, Tensor]]:
         """(keys, values, select) per stored form: row t reads key/value j from the one block whose select
-        (B|1, H_kv|1, T, T) bool holds (t, j) (for attention that is not one SDPA call: FlexGen's sparse values)."""
+        ((T, T) or (B|1, H_kv|1, T, T) bool) holds (t, j) (for attention that is not one SDPA call: FlexGen's sparse values)."""
         if self.key_index is None:
             return list(zip(self.keys, self.values, self.select))
         return [(k, v, self.key_index == i) for i, (k, v) in enumerate(zip(self.keys, self.values))]

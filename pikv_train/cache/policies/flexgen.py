@@ -120,7 +120,11 @@ class FlexGenCache(KVCache):
     _shared_attrs = ("policy", "sharding", "compressor")
 
     def set_compressor(self, compressor) -> None:
-        """Store each token as ``compressor`` does (per-token compressors; the config refuses versioned ones)."""
+        """Store each token as ``compressor`` does (per-token compressors; a versioned one gets
+        :class:`~pikv_train.cache.policies.flexgen_stores.FlexGenStoreCache` from ``FlexGenScheduler.new_cache``)."""
+        if getattr(compressor, "versioned", False):
+            raise TypeError(f"FlexGenCache stores batched per-token codes; {compressor.name} is versioned: build the "
+                            "cache with FlexGenScheduler.new_cache (a FlexGenStoreCache)")
         self.compressor = compressor
 
     def set_sharding(self, sharding) -> None:

@@ -37,7 +37,7 @@ class PlacedStore(Store):
         self.inner, self.budget, self.host = inner, budget, host
         self._host: list[tuple[object, str, Tensor]] = []
 
-    def __getattr__(self, name):  # the store's own extras (MiKV's ``observe``)
+    def __getattr__(self, name):  # anything else the wrapped store has
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
@@ -66,6 +66,15 @@ class PlacedStore(Store):
     def read(self, t, pos):
         self._join()
         return self.inner.read(t, pos)
+
+    def observe(self, *args) -> None:
+        """MiKV's accumulated attention (a no-op for a store without it), with every row back first."""
+        if hasattr(self.inner, "observe"):
+            self._join()
+            self.inner.observe(*args)
+
+    def placed_rows(self, pos):
+        return self.inner.placed_rows(pos)
 
     def commit(self, codes, pos_all, keep):
         self._join()
@@ -99,7 +108,8 @@ class FlexGenStoreCache(PolicyCache):
         return sum(s.host_nbytes() for s in self._stores())
 
     def bytes_on_device(self) -> int:
-        """Everything else the cache holds: the device rows, the stores' tables, positions, shard state."""
+        """Everything else the cache holds: the device rows, the stores' tables, positions, shard state (the
+        batched FlexGenCache counts its key/value parts only: its positions are few next to them)."""
         return self.bytes_stored() - self.bytes_on_host()
 
     def bytes_stored(self) -> int:
