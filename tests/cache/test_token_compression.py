@@ -132,3 +132,25 @@ def test_token_compressors_train_with_gradients_through_the_kept_keys():
     model.logits(out.hidden).logsumexp(-1).mean().backward()
     assert model.blocks[0].attn.kv_proj.weight.grad.abs().sum() > 0
     assert float(out.stats["cache/kept_fraction"]) < 0.9  # the training forward reads the compressed cache
+
+
+@pytest.mark.parametrize("name", ["pyramid_kv", "chunk_kv", "fastv"])
+def test_bytes_stored_counts_exactly_what_each_stream_holds(name):
+    """Per (layer, sequence, kv-head): raw keys and values and the position of each held token, the current
+    selection (positions) and, in a layer that selects, the window's queries and their positions."""
+    comp = {"pyramid_kv": dict(name=name, pyramid_beta=4), "chunk_kv": dict(name=name, chunk_length=3),
+            "fastv": dict(name=name, fastv_layer=1)}[name]
+    model, cache = _decoded(comp)
+    cfg, pol = model.cfg, model.cache_policy
+    g = cfg.n_head // cfg.n_kv_head
+    expect = 0
+    for layer in range(cfg.n_layer):
+        for row in cache.store[layer]:
+            for st in row:
+                expect += len(st["pos"]) * (2 * cfg.head_dim * 4 + 8) + len(st["sel"]) * 8
+                if st["qwin"] is not None:
+                    assert st["qwin"][0].shape == (g, W, cfg.head_dim)  # the last W queries, no more
+                    expect += g * W * cfg.head_dim * 4 + W * 8
+        decides = any(pol.source(m) == layer for m in range(cfg.n_layer))
+        assert (cache.store[layer][0][0]["qwin"] is not None) == decides
+    assert cache.bytes_stored() == expect

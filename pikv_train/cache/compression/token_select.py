@@ -152,19 +152,25 @@ class TokenSelectCache(PolicyCache):
 
     def new_state(self, layer_idx, h, k):
         st = super().new_state(layer_idx, h, k)
-        st.update(sel=torch.zeros(0, dtype=torch.long, device=k.device), qwin=None, sel_at={})
+        st.update(sel=torch.zeros(0, dtype=torch.long, device=k.device), qwin=None)
         return st
 
-    def _source_step(self, layer_idx, states, qb, k_all, p_all, n_old, held):
-        """Run the selection of a source layer over this step's rows; records ``st["sel_at"][t]`` (selected
-        positions after row t's boundary) and returns per head the held-key index lists after each row."""
+    # Within a step, the selection after each new row of a source layer, for the layers that apply it later in
+    # the same step: {(layer, sequence): {t: [per kv-head positions]}}. Scratch of the step being computed
+    # (replaced at the source layer's next step), not cache state: bytes_stored() counts ``sel`` and ``qwin``.
+    _sel_at: dict | None = None
+
+    def _source_step(self, layer_idx, bi, states, qb, k_all, p_all, n_old, held):
+        """Run the selection of a source layer over this step's rows; records the selected positions after each
+        row t in ``_sel_at[(layer, bi)][t]`` and updates the held-key index lists."""
         pol = self.policy
         w = pol.window(self.budget)
         c = pol.capped_chunk(w)
         dev = qb.device
         hkv = len(states)
-        for st in states:
-            st["sel_at"] = {}
+        if self._sel_at is None:
+            self._sel_at = {}
+        sel_at = self._sel_at[(layer_idx, bi)] = {}
         for r in range(qb.shape[2]):
             t = int(p_all[0][n_old[0] + r])
             if t > 0 and pol.is_boundary(t, c, self.ref_len):
@@ -182,8 +188,8 @@ class TokenSelectCache(PolicyCache):
                 keep = pol.select(pol.scores(p[None]), cand[None], pol.n_select(layer_idx, self.budget, max(0, end - w)))[0]
                 for h, st in enumerate(states):
                     st["sel"] = keep[h].nonzero().flatten()
+            sel_at[t] = [st["sel"] for st in states]
             for h, st in enumerate(states):
-                st["sel_at"][t] = st["sel"]
                 qn, pn = qb[h][:, r: r + 1], torch.tensor([t], device=dev)
                 if st["qwin"] is None:
                     st["qwin"] = (qn, pn)
@@ -208,18 +214,15 @@ class TokenSelectCache(PolicyCache):
         held = [torch.arange(n, device=dev) for n in n_old]
         rows = [torch.zeros(n_new, len(p), dtype=torch.bool, device=dev) for p in p_all]
         src = pol.source(layer_idx)
+        bi = next(i for i, row in enumerate(self.store[layer_idx]) if row is states)
         feeds = any(pol.source(m) == layer_idx for m in range(layer_idx, pol.n_layer or 0))
         if feeds:  # this layer decides (for itself and / or later layers)
-            self._source_step(layer_idx, states, qb, k_all, p_all, n_old, [h.clone() for h in held])
+            self._source_step(layer_idx, bi, states, qb, k_all, p_all, n_old, [h.clone() for h in held])
         if src is None:  # every key
             for h in range(len(states)):
                 rows[h] = p_all[h][None] <= p_all[h][n_old[h]:][:, None]
             return rows, [torch.ones(len(p), dtype=torch.bool, device=dev) for p in p_all]
-        if src == layer_idx:
-            source_states = states
-        else:  # the same sequence at the source layer (decided earlier in this step)
-            bi = next(i for i, row in enumerate(self.store[layer_idx]) if row is states)
-            source_states = self.store[src][bi]
+        sel_at = self._sel_at[(src, bi)]  # the source layer ran earlier in this step (or is this layer)
         w = pol.window(self.budget)
         keeps = []
         for h in range(len(states)):
@@ -227,7 +230,7 @@ class TokenSelectCache(PolicyCache):
             for r in range(n_new):
                 t = int(p_all[h][n_old[h] + r])
                 idx = self._apply(torch.cat([idx, torch.tensor([n_old[h] + r], device=dev)]), p_all[h],
-                                  source_states[h]["sel_at"][t], t, w)
+                                  sel_at[t][h], t, w)
                 rows[h][r, idx] = True
             kp = torch.zeros(len(p_all[h]), dtype=torch.bool, device=dev)
             kp[idx] = True
