@@ -129,9 +129,9 @@ class CacheConfig:
         check_range(k + "duo_l1_weight", self.duo_l1_weight, lo=0, fix=f"set {k}duo_l1_weight >= 0")
         self.compressor = CompressorConfig.from_any(self.compressor).validate()
         name = self.compressor.name
-        from pikv_train.cache.compression.config import TOKEN_COMPRESSORS
+        from pikv_train.cache.compression.config import EVICTING
 
-        if name in TOKEN_COMPRESSORS and self.policy != "full":
+        if name in EVICTING and self.policy != "full":
             raise ConfigError(f"{k}compressor.name={name} chooses which tokens stay, as {k}policy={self.policy} does; "
                               f"keep one (set {k}policy full to use {name})")
         if name != "none" and self.kv_bits:

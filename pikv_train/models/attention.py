@@ -142,7 +142,17 @@ def tiered_versions(compressor, hooks, layer_idx: int, q: Tensor, k: Tensor, v: 
         vis = causal if held is None else causal & (held | eye)
         shard = ctx.prior_mask if hooks[-1] is policy else None  # what expert sharding lets each row read
         vis = vis if shard is None else vis & shard
-        return compressor.versions(layer_idx, k, v, q=q, vis=vis, held=held), mask
+        kw = {}
+        if getattr(compressor, "uses_importance", False):  # the PiKV hybrid: the router's importance at layer l - 1
+            from pikv_train.cache.compression.pikv import token_importance
+
+            kw["importance"] = token_importance(ctx.routing_by_layer.get(layer_idx - 1), q.shape[0], t)
+        versions = compressor.versions(layer_idx, k, v, q=q, vis=vis, held=held, **kw)
+        if versions.chunk_evicted is not None:  # evicted keys: no row after the decision reads them
+            rows = torch.div(torch.arange(t, device=q.device), versions.chunk, rounding_mode="floor")
+            gone = versions.chunk_evicted[:, :, rows]  # (B, H_kv, T, T)
+            mask = causal & ~gone if mask is None else mask & ~gone
+        return versions, mask
     versions = None
     for _ in range(2 * t + 2):
         # Rows read what the hooks' mask shows (the policy's selection and the sharding rule); the tiers rank

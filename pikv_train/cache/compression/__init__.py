@@ -10,6 +10,7 @@ from pikv_train.cache.compression.base import KVCompressor, Store, Versions
 from pikv_train.cache.compression.config import COMPRESSORS, TOKEN_COMPRESSORS, CompressorConfig
 from pikv_train.cache.compression.kivi import QuantizedCompressor
 from pikv_train.cache.compression.lowrank import LoRACompressor, LoRaPlusPlusCompressor, SVDCompressor
+from pikv_train.cache.compression.pikv import PiKVCompressor
 from pikv_train.cache.compression.pyramid import PyramidCompressor
 from pikv_train.cache.compression.think import PruningCompressor
 
@@ -20,6 +21,7 @@ REGISTRY = {
     "lora": LoRACompressor,
     "lora_plus": LoRaPlusPlusCompressor,
     "pruning": PruningCompressor,
+    "pikv": PiKVCompressor,
 }
 
 
@@ -67,6 +69,6 @@ def build_compressor(cfg: CompressorConfig | dict | str | None, model_cfg) -> KV
 
 
 __all__ = [
-    "COMPRESSORS", "TOKEN_COMPRESSORS", "ChunkKVCompressor", "CompressorConfig", "FastVCompressor", "PyramidKVCompressor", "KVCompressor", "LoRACompressor", "LoRaPlusPlusCompressor", "PruningCompressor",
+    "COMPRESSORS", "TOKEN_COMPRESSORS", "ChunkKVCompressor", "CompressorConfig", "FastVCompressor", "PyramidKVCompressor", "KVCompressor", "LoRACompressor", "LoRaPlusPlusCompressor", "PiKVCompressor", "PruningCompressor",
     "PyramidCompressor", "QuantizedCompressor", "SVDCompressor", "Store", "Versions", "build_compressor",
 ]

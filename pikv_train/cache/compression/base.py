@@ -52,6 +52,9 @@ class Versions:
     instead of over the concatenated forms (a third of the work)."""
     chunk_tier: Tensor | None = None
     """(B, H_kv, nC, T) long: the form (index into ``keys``/``values``) block c's rows read key j in."""
+    chunk_evicted: Tensor | None = None
+    """(B, H_kv, nC, T) bool: keys block c's rows cannot read at all (the PiKV hybrid's fourth tier); the caller
+    removes them from the mask (:func:`pikv_train.models.attention.tiered_versions`)."""
 
     def expand_mask(self, mask: Tensor | None, t: int) -> Tensor:
         """(B|1, 1|H_kv, T, T) visibility (None: causal) -> (B|1, 1|H_kv, T, n_blocks * T) over the blocks."""

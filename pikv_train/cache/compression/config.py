@@ -12,11 +12,13 @@ from typing import Literal
 
 from pikv_train.errors import ConfigError, bad_value, check_range
 
-CompressorName = Literal["none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning", "fastv", "pyramid_kv",
-                         "chunk_kv"]
+CompressorName = Literal["none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning", "pikv", "fastv",
+                         "pyramid_kv", "chunk_kv"]
 TOKEN_COMPRESSORS = ("fastv", "pyramid_kv", "chunk_kv")
 """Compressors that choose which tokens stay (they act as the cache policy: ``cache.policy`` must be ``full``)."""
-COMPRESSORS = ("none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning") + TOKEN_COMPRESSORS
+COMPRESSORS = ("none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning", "pikv") + TOKEN_COMPRESSORS
+EVICTING = TOKEN_COMPRESSORS + ("pikv",)
+"""Compressors that decide which tokens stay (``cache.policy`` must be ``full``)."""
 KEY = "model.init_args.cache.compressor."
 
 
@@ -28,8 +30,8 @@ class CompressorConfig:
 
     name: CompressorName = "none"
     """none | quantized (KIVI) | pyramid (MiKV mixed precision) | svd (Palu) | lora (learned latent) |
-    lora_plus (lora with LoRA+ learning rates) | pruning (ThinK key channels) | fastv (FastV) | pyramid_kv
-    (PyramidKV) | chunk_kv (ChunkKV)."""
+    lora_plus (lora with LoRA+ learning rates) | pruning (ThinK key channels) | pikv (PiKV hybrid: tiers and eviction
+    by the PiKVRouter's importance) | fastv (FastV) | pyramid_kv (PyramidKV) | chunk_kv (ChunkKV)."""
 
     # -- quantized (KIVI) and pyramid's low tiers
     bits: int = 2
@@ -41,7 +43,7 @@ class CompressorConfig:
     """KIVI R (a multiple of group_size): keys stay full precision until a block of R tokens fills, values for
     the most recent R tokens; KIVI: 128."""
 
-    # -- pyramid (MiKV)
+    # -- pyramid (MiKV) and pikv (the PiKV hybrid)
     pyramid_bits: tuple[int, int] = (4, 2)
     """Bits of the two lower tiers (MiKV: the important tokens at full precision, the others at low precision)."""
     byte_budget: float = 0.3

@@ -84,6 +84,10 @@ class PyramidCompressor(KVCompressor):
         if self.group * min(self.hi, self.lo) % 8:
             raise ConfigError(f"model.init_args.cache.compressor: groups of {self.group} channels x {self.lo} bits do "
                               "not fill whole bytes; use a head_dim that is a multiple of 4")
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        cfg = self.cfg
         full, _, low = self.token_bytes(4)
         if cfg.byte_budget < low / full:
             import warnings
@@ -106,6 +110,17 @@ class PyramidCompressor(KVCompressor):
         q = lambda b: 2 * (n_g * g * b / 8 + 2 * n_g * element_size)  # noqa: E731
         return 2 * hd * element_size, q(self.hi), q(self.lo)
 
+    evicts = False
+    """A fourth tier, evicted (the PiKV hybrid): candidates that do not fit the byte budget even at the lowest tier."""
+    uses_importance = False
+    """Tiers rank a per-token importance given by the caller (the PiKV router's) instead of accumulated attention."""
+
+    def allocate(self, n_seen: int, n_held: Tensor, n_recent: Tensor, n_cand: Tensor, element_size: int
+                 ) -> tuple[Tensor, Tensor]:
+        """(x, n_keep): x candidates at full precision and x at the middle tier, and how many candidates stay
+        (MiKV: all of them). ``n_seen``: the positions before the decision."""
+        return self.top_count(n_held, n_recent, n_cand, element_size), n_cand
+
     def top_count(self, n_held: Tensor, n_recent: Tensor, n_cand: Tensor, element_size: int) -> Tensor:
         """x, the number of candidates at full precision and at the middle tier each, under the byte budget."""
         full, mid, low = self.token_bytes(element_size)
@@ -127,11 +142,14 @@ class PyramidCompressor(KVCompressor):
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
-    def tiers(self, q: Tensor, k: Tensor, vis: Tensor, held: Tensor, forms: list[Tensor]) -> tuple[Tensor, list[int]]:
-        """The chunk-sequential pass: tier_c (B, H_kv, nC, T) of every key at each chunk, and the chunk starts.
+    def tiers(self, q: Tensor, k: Tensor, vis: Tensor, held: Tensor, forms: list[Tensor],
+              importance: Tensor | None = None) -> tuple[Tensor, Tensor, list[int]]:
+        """The chunk-sequential pass: tier_c (B, H_kv, nC, T) of every key at each chunk, evicted_c (same shape,
+        bool; never set without ``evicts``), and the chunk starts.
 
         q (B, H, T, hd); k (B, H_kv, T, hd); vis (B|1, 1|H_kv, T, T) what each row reads; held (same shape): the
-        keys the cache holds when row t arrives (j < t); forms: the three key forms.
+        keys the cache holds when row t arrives (j < t); forms: the three key forms; importance (B, T): a static
+        per-token score to rank by (None: the attention each key has received, accumulated).
         """
         b, h, t, hd = q.shape
         hkv = k.shape[1]
@@ -144,36 +162,47 @@ class PyramidCompressor(KVCompressor):
         tier = torch.zeros(b, hkv, t, dtype=torch.long, device=q.device)
         imp = torch.zeros(b, hkv, t, dtype=torch.float64, device=q.device)
         out = torch.zeros(b, hkv, len(starts), t, dtype=torch.long, device=q.device)
+        evicted = torch.zeros(b, hkv, t, dtype=torch.bool, device=q.device)
+        out_ev = torch.zeros(b, hkv, len(starts), t, dtype=torch.bool, device=q.device)
         vis, held = vis.expand(b, hkv, t, t), held.expand(b, hkv, t, t)
+        if importance is not None:
+            imp = importance.double()[:, None, :].expand(b, hkv, t)
         for ci, s0 in enumerate(starts):
             e = min(s0 + c, t)
             if s0 > 0:
-                hold = held[:, :, s0] & (j < s0)  # (B, H_kv, T)
+                hold = held[:, :, s0] & (j < s0) & ~evicted  # (B, H_kv, T)
                 cand = hold & (s0 - j > recent)
-                x = self.top_count(hold.sum(-1), (hold & ~cand).sum(-1), cand.sum(-1), es)
+                x, n_keep = self.allocate(s0, hold.sum(-1), (hold & ~cand).sum(-1), cand.sum(-1), es)
                 tier = torch.where(cand, assign_tiers(imp, tier, cand, x), tier)
+                if self.evicts:  # the least important candidates beyond the n_keep that fit leave for good
+                    evicted |= cand & ~top_n_mask(imp.masked_fill(~cand, float("-inf")), n_keep)
             out[:, :, ci] = tier
+            out_ev[:, :, ci] = evicted
+            if importance is not None:
+                continue
             # The keys as the chunk's rows read them (each in its tier's form): one matmul, not one per tier.
             # Causal: the chunk's rows read keys j < e only.
             te = tier[:, :, None, :e, None]
             kt = torch.where(te == 0, kd[0][..., :e, :], torch.where(te == 1, kd[1][..., :e, :], kd[2][..., :e, :]))
             logits = qd[:, :, :, s0:e] @ kt.transpose(-1, -2)  # (B, H_kv, G, C, e)
-            p = logits.masked_fill(~vis[:, :, None, s0:e, :e], float("-inf")).softmax(-1).mean(2)  # (B, H_kv, C, e)
+            readable = vis[:, :, None, s0:e, :e] & ~evicted[:, :, None, None, :e]
+            p = logits.masked_fill(~readable, float("-inf")).softmax(-1).mean(2)  # (B, H_kv, C, e)
             imp[..., :e] += p.nan_to_num(0.0).sum(2)
-        return out, starts
+        return out, out_ev, starts
 
-    def versions(self, layer_idx, k, v, q=None, vis=None, held=None):
+    def versions(self, layer_idx, k, v, q=None, vis=None, held=None, importance=None):
         t = k.shape[2]
         causal = torch.ones(t, t, dtype=torch.bool, device=k.device).tril()[None, None]
         vis = causal if vis is None else vis & causal
         held = causal if held is None else held
         k1, k2 = self.forms(k)
         v1, v2 = self.forms(v)
-        tier_c, starts = self.tiers(q, k, vis, held, [k, k1, k2])
+        tier_c, ev_c, starts = self.tiers(q, k, vis, held, [k, k1, k2], importance)
         row_chunk = torch.div(torch.arange(t, device=k.device), self.cfg.tier_every, rounding_mode="floor")
         index = tier_c.to(torch.int8)[:, :, row_chunk]  # (B, H_kv, T, T): the tier row t reads key j in
         return Versions(keys=[k, _ste(k, k1), _ste(k, k2)], values=[v, _ste(v, v1), _ste(v, v2)], select=[],
-                        key_index=index, chunk=self.cfg.tier_every, chunk_tier=tier_c)
+                        key_index=index, chunk=self.cfg.tier_every, chunk_tier=tier_c,
+                        chunk_evicted=ev_c if self.evicts else None)
 
     def new_store(self, layer_idx, head, like):
         return PyramidStore(self, like)
@@ -208,11 +237,19 @@ class PyramidStore(Store):
             k[self.tier == i], v[self.tier == i] = self._tier_rows(i)
         return k, v
 
+    dropped: Tensor | None = None
+    """Set by a retiering that evicts (PiKV): (S,) bool over the tokens held before it, those that left; the policy
+    cache drops their positions (``PolicyCache.update``) and clears it."""
+
     def _retier(self, t: int, pos: Tensor) -> None:
         comp = self.comp
         cand = t - pos > comp.cfg.recent
-        x = comp.top_count(torch.tensor(len(pos)), (~cand).sum(), cand.sum(), self.full_k.element_size())
+        x, n_keep = comp.allocate(t, torch.tensor(len(pos)), (~cand).sum(), cand.sum(), self.full_k.element_size())
         new = torch.where(cand, assign_tiers(self.imp, self.tier.long(), cand, x).to(torch.int8), self.tier)
+        ev = torch.zeros_like(cand)
+        if comp.evicts:
+            ev = cand & ~top_n_mask(self.imp.masked_fill(~cand, float("-inf")), n_keep)
+            new = torch.where(ev, torch.full_like(new, 3), new)  # in no tier's payload below
         if torch.equal(new, self.tier):
             return
         old = self.tier
@@ -223,10 +260,12 @@ class PyramidStore(Store):
         mid_k = torch.where((old == 1)[:, None], k, comp.forms(k)[0])
         mid_v = torch.where((old == 1)[:, None], v, comp.forms(v)[0])
         q1 = _assemble(new == 1, [((old == 1) & (new == 1), self.q[1], old == 1)], (to1, k, v, comp.hi, comp.group))
-        q2 = _assemble(new == 2, [(old == 2, self.q[2], old == 2)], (to2, mid_k, mid_v, comp.lo, comp.group))
+        q2 = _assemble(new == 2, [((old == 2) & (new == 2), self.q[2], old == 2)], (to2, mid_k, mid_v, comp.lo, comp.group))
         self.full_k, self.full_v = k[new == 0], v[new == 0]
         self.q = {1: q1, 2: q2}
         self.tier = new
+        if bool(ev.any()):
+            self.tier, self.imp, self.dropped = new[~ev], self.imp[~ev], ev
 
     def read(self, t, pos):
         if t is not None and t > 0 and t % self.comp.cfg.tier_every == 0 and len(self.tier):
@@ -244,7 +283,11 @@ class PyramidStore(Store):
     def commit(self, codes, pos_all, keep):
         k_new, v_new = codes["k"], codes["v"]
         n_new = len(k_new)
-        imp = torch.cat([self.imp, self.imp.new_zeros(n_new)])
+        if "importance" in codes:  # a static per-token score (the PiKV router's), not accumulated attention
+            imp = torch.cat([self.imp, codes["importance"].to(self.imp)])
+            self._pending = None
+        else:
+            imp = torch.cat([self.imp, self.imp.new_zeros(n_new)])
         if self._pending is not None:
             imp = imp + self._pending
             self._pending = None

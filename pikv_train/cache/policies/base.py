@@ -441,12 +441,25 @@ class PolicyCache(KVCache):
         if codes is None:
             codes = {"k": k, "v": v}
         keys, vals, masks = [], [], []
+        if getattr(self.compressor, "uses_importance", False):  # the PiKV hybrid ranks by the router's importance
+            from pikv_train.cache.compression.pikv import token_importance
+
+            imp = token_importance(self._routing.get(layer_idx - 1), b, tq)
+            if imp is not None:
+                codes = {**codes, "importance": imp[:, None].expand(b, hkv, tq)}
         for bi in range(b):
             real = q_pos[bi] >= 0
             sts = self.store[layer_idx][bi]
-            n_old = [len(s["pos"]) for s in sts]
             t_read = int(q_pos[bi][real][0]) if bool(real.any()) else None
             old = [self._read(s, t_read, k) for s in sts]
+            for s in sts:  # a store that evicted while it read (PiKV): its tokens' positions and shard rows go too
+                gone = getattr(s["kv"], "dropped", None)
+                if gone is not None:
+                    s["kv"].dropped = None
+                    for name in ("pos", "mem", "midx"):
+                        if name in s:
+                            s[name] = s[name][~gone]
+            n_old = [len(s["pos"]) for s in sts]
             k_all = [torch.cat([old[h][0], k[bi, h][real]]) for h in range(hkv)]
             v_all = [torch.cat([old[h][1], v[bi, h][real]]) for h in range(hkv)]
             p_all = [torch.cat([s["pos"], q_pos[bi][real]]) for s in sts]
