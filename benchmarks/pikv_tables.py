@@ -79,8 +79,9 @@ RECOMMENDED = {  # compression table: name -> (setting label, cache config)
     "pyramid_kv": ("budget 0.25, window 16", {"budget": 0.25, "compressor": {"name": "pyramid_kv", "obs_window": 16}}),
     "chunk_kv": ("budget 0.25, window 16, chunks of 10", {"budget": 0.25, "compressor": {"name": "chunk_kv",
                                                                                           "obs_window": 16}}),
-    "distillation": None,  # not built yet
-    "pikv": None,
+    "distillation": ("KV-Distill, budget 0.25, window 16, LoRA rank 8", {"budget": 0.25, "compressor": {
+        "name": "distillation", "obs_window": 16}}),
+    "pikv": ("PiKV hybrid, byte budget 0.2", {"compressor": {"name": "pikv", "byte_budget": 0.2}}),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pikv_train.errors import ConfigError
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -190,8 +191,9 @@ class Decoder(nn.Module):
         cos, sin = self.rotary(positions.clamp_min(0))
         x = self.embed(input_ids)
         routing, by_layer, stats = [], {}, {}
-        hooks = [h for h in (self.kv_sharding, self.cache_policy) if h is not None] if cache is None else []
-        compressor = getattr(self.cache_policy, "compressor", None)
+        off = self._cache_off
+        hooks = [h for h in (self.kv_sharding, self.cache_policy) if h is not None] if cache is None and not off else []
+        compressor = None if off else getattr(self.cache_policy, "compressor", None)
         for i, block in enumerate(self.blocks):
             ctx = AttentionContext(layer_idx=i, positions=positions, routing_by_layer=by_layer, stats=stats)
             kw = dict(cache=cache, layer_idx=i, positions=positions, mask=None if masks is None else masks[i],
@@ -207,6 +209,18 @@ class Decoder(nn.Module):
                     # Expert-sharded caches place the next layer's keys by this layer's routing.
                     cache.record_routing(i, r)
         return DecoderOutput(hidden=self.norm(x), routing=routing, stats=stats)
+
+    _cache_off = False
+
+    @contextmanager
+    def cache_off(self):
+        """Inside: the training forward without the cache policy, its compressor and KV sharding (the uncompressed
+        model; KV-Distill's teacher is the student itself run this way)."""
+        prev, self._cache_off = self._cache_off, True
+        try:
+            yield self
+        finally:
+            self._cache_off = prev
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active=True`` counts only top_k of the routed experts per layer."""

@@ -111,6 +111,8 @@ class DistillationTask(TaskBase):
         self.shared_vocab: int | None = None  # set for Hugging Face teachers with padded LM heads
         self.distill_loss: DistillLoss | None = None
         self.teacher_cfg = as_config(TeacherConfig, teacher)
+        if self.teacher_cfg.student_itself:
+            self._teach_itself(objective)
         self.optim_cfg = as_config(OptimConfig, optim)
         # The checkpoint holds the student only; loading it must not require teacher keys.
         self.strict_loading = False
@@ -123,8 +125,38 @@ class DistillationTask(TaskBase):
         return self.student
 
     # ------------------------------------------------------------------ teacher
+    def _teach_itself(self, objective: str) -> None:
+        """KV-Distill's setting: the uncompressed student teaches the compressed one; only the cache's trainable
+        parts learn (the student's own weights are frozen, so the teacher does not move)."""
+        key = "model.init_args.teacher."
+        if self.teacher_cfg.checkpoint is not None or self.teacher_cfg.hf_path is not None:
+            raise ConfigError(f"{key}student_itself=true with a {key}checkpoint/hf_path: the teacher is the student; "
+                              "drop the other teacher setting")
+        if objective != "kd":
+            raise ConfigError(f"{key}student_itself=true works with objective kd (the divergence on the data's "
+                              f"tokens), not {objective}; set model.init_args.objective kd")
+        hooks = [h for h in (self.student.cache_policy, self.student.kv_sharding) if h is not None]
+        if self.student.cache_policy is None:
+            warnings.warn(f"{key}student_itself=true without a cache policy or compressor: the student is its own "
+                          "teacher unchanged and the loss is zero; set model.init_args.cache.compressor (e.g. "
+                          "{name: distillation})", stacklevel=3)
+        for name, p in self.student.named_parameters():
+            if not name.startswith(("cache_policy.", "kv_sharding.")):
+                p.requires_grad_(False)
+        if not any(p.requires_grad for h in hooks for p in h.parameters()):
+            warnings.warn(f"{key}student_itself=true: the cache has nothing trainable (the student's weights are frozen "
+                          "in this mode), so nothing learns; use a trainable compressor (distillation, lora, lora_plus)",
+                          stacklevel=3)
+
     def configure_model(self) -> None:
         if self.teacher is not None:
+            return
+        if self.teacher_cfg.student_itself:
+            from pikv_train.tasks.teacher import SelfTeacher
+
+            self.teacher = SelfTeacher(self.student)
+            self._ddp_params_and_buffers_to_ignore = []
+            self.distill_loss = DistillLoss(self.student, self.teacher, self.loss_cfg, self.shared_vocab)
             return
         teacher = load_teacher(self.teacher_cfg)
         if self.teacher_cfg.hf_path is not None:

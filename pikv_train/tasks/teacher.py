@@ -26,6 +26,10 @@ class TeacherConfig:
     """Teacher weights dtype."""
     trust_remote_code: bool = False
     """Allow a Hugging Face teacher folder to run its own modelling code (off unless you trust it)."""
+    student_itself: bool = False
+    """The teacher is the student without its cache compression (KV-Distill: the uncompressed model teaches the
+    compressed one). No second model is loaded; the student's own weights are frozen and only the cache's trainable
+    parts (the ``distillation`` compressor's scorer and adapters, LoRA factors) train. Objective ``kd`` only."""
 
 
 # Parameters of attention hooks (e.g. DuoAttention gates) are not part of the architecture.
@@ -43,6 +47,37 @@ def read_checkpoint(path: str | Path) -> dict:
     from pikv_train.tasks.safe_load import load_checkpoint_file
 
     return load_checkpoint_file(path)
+
+
+class SelfTeacher(torch.nn.Module):
+    """The student as its own teacher: its forward with the cache policy, compressor and sharding off, in eval mode,
+    without gradient. Holds no weights of its own (the student is referenced, not registered: checkpoints and the
+    optimizer see it once)."""
+
+    def __init__(self, student):
+        super().__init__()
+        object.__setattr__(self, "_student", student)
+        self.cfg = student.cfg
+
+    def forward(self, input_ids, **kw):
+        s = self._student
+        was = s.training
+        s.eval()
+        try:
+            with torch.no_grad(), s.cache_off():
+                return s(input_ids, **kw)
+        finally:
+            s.train(was)
+
+    @property
+    def head_weight(self):
+        return self._student.head_weight.detach()
+
+    @property
+    def head(self):
+        from pikv_train.models.head import LogitHead
+
+        return LogitHead(self.head_weight)
 
 
 def load_teacher(cfg: TeacherConfig):

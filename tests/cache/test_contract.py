@@ -241,6 +241,7 @@ TOKEN = {  # small windows / chunks so that every decision kind happens within T
     "pyramid_kv": dict(name="pyramid_kv", obs_window=6, pyramid_beta=4),
     "chunk_kv": dict(name="chunk_kv", obs_window=6, chunk_length=3, reuse_layers=2),
     "fastv": dict(name="fastv", obs_window=6, fastv_layer=1, fastv_ratio=0.5),
+    "distillation": dict(name="distillation", obs_window=6, distill_rank=4),
 }
 
 
@@ -254,12 +255,17 @@ def _token_cases() -> list[dict]:
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("case", _token_cases(), ids=_id)
 def test_token_compressors_decode_as_they_trained(case):
-    """SPEC §6/§7: FastV, PyramidKV and ChunkKV decided causally: token-by-token decoding with their cache equals
-    the training forward, with and without expert sharding, and the compressor really changes the logits."""
+    """SPEC §6/§7: FastV, PyramidKV, ChunkKV and KV-Distill decided causally: token-by-token decoding with their
+    cache equals the training forward, with and without expert sharding, and the compressor really changes the
+    logits (KV-Distill's adapters are random here, so the kept tokens are read in a form of their own)."""
     model = _build({**case, "compressor": "none"})
     cfg = model.cfg
     model.set_cache_policy(build_policy(CacheConfig(budget=case["budget"], chunk_size=case["chunk"],
                                                     compressor=TOKEN[case["compressor"]]), cfg))
+    if case["compressor"] == "distillation":
+        with torch.no_grad():
+            for b in model.cache_policy.compressor.lora_b:
+                b.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
     x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

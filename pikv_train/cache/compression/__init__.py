@@ -31,6 +31,7 @@ TOKEN_REGISTRY = {
     "fastv": ("pikv_train.cache.compression.fastv", "FastVCompressor"),
     "pyramid_kv": ("pikv_train.cache.compression.pyramid_kv", "PyramidKVCompressor"),
     "chunk_kv": ("pikv_train.cache.compression.chunk_kv", "ChunkKVCompressor"),
+    "distillation": ("pikv_train.cache.compression.kv_distill", "DistillationCompressor"),
 }
 
 
@@ -69,6 +70,6 @@ def build_compressor(cfg: CompressorConfig | dict | str | None, model_cfg) -> KV
 
 
 __all__ = [
-    "COMPRESSORS", "TOKEN_COMPRESSORS", "ChunkKVCompressor", "CompressorConfig", "FastVCompressor", "PyramidKVCompressor", "KVCompressor", "LoRACompressor", "LoRaPlusPlusCompressor", "PiKVCompressor", "PruningCompressor",
+    "COMPRESSORS", "TOKEN_COMPRESSORS", "ChunkKVCompressor", "CompressorConfig", "DistillationCompressor", "FastVCompressor", "PyramidKVCompressor", "KVCompressor", "LoRACompressor", "LoRaPlusPlusCompressor", "PiKVCompressor", "PruningCompressor",
     "PyramidCompressor", "QuantizedCompressor", "SVDCompressor", "Store", "Versions", "build_compressor",
 ]

@@ -13,8 +13,8 @@ from typing import Literal
 from pikv_train.errors import ConfigError, bad_value, check_range
 
 CompressorName = Literal["none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning", "pikv", "fastv",
-                         "pyramid_kv", "chunk_kv"]
-TOKEN_COMPRESSORS = ("fastv", "pyramid_kv", "chunk_kv")
+                         "pyramid_kv", "chunk_kv", "distillation"]
+TOKEN_COMPRESSORS = ("fastv", "pyramid_kv", "chunk_kv", "distillation")
 """Compressors that choose which tokens stay (they act as the cache policy: ``cache.policy`` must be ``full``)."""
 COMPRESSORS = ("none", "quantized", "pyramid", "svd", "lora", "lora_plus", "pruning", "pikv") + TOKEN_COMPRESSORS
 EVICTING = TOKEN_COMPRESSORS + ("pikv",)
@@ -31,7 +31,8 @@ class CompressorConfig:
     name: CompressorName = "none"
     """none | quantized (KIVI) | pyramid (MiKV mixed precision) | svd (Palu) | lora (learned latent) |
     lora_plus (lora with LoRA+ learning rates) | pruning (ThinK key channels) | pikv (PiKV hybrid: tiers and eviction
-    by the PiKVRouter's importance) | fastv (FastV) | pyramid_kv (PyramidKV) | chunk_kv (ChunkKV)."""
+    by the PiKVRouter's importance) | fastv (FastV) | pyramid_kv (PyramidKV) | chunk_kv (ChunkKV) | distillation
+    (KV-Distill: a learned scorer keeps tokens, LoRA-adapted K/V)."""
 
     # -- quantized (KIVI) and pyramid's low tiers
     bits: int = 2
@@ -79,6 +80,8 @@ class CompressorConfig:
     reuse_layers: int = 2
     """ChunkKV layer-wise index reuse: each group of this many consecutive layers keeps the chunks its first
     layer selects (1 = every layer selects)."""
+    distill_rank: int = 8
+    """KV-Distill: LoRA rank of the K/V projection adapters of the kept tokens."""
     fastv_layer: int = 2
     """FastV K: layers up to and including K keep every token; layer K's attention chooses what the later layers
     keep (FastV: K = 2)."""
@@ -117,7 +120,8 @@ class CompressorConfig:
                     fix=f"set {KEY}keep_channels in (0, 1] (ThinK: 0.6)")
         for f, lo, note in (("obs_window", 1, "SnapKV: 32"), ("pool_kernel", 1, "1 = no pooling; SnapKV: 5"),
                             ("pyramid_beta", 1, "PyramidKV: 20"), ("chunk_length", 1, "ChunkKV: 10"),
-                            ("reuse_layers", 1, "1 = every layer selects"), ("fastv_layer", 0, "FastV: 2")):
+                            ("reuse_layers", 1, "1 = every layer selects"), ("fastv_layer", 0, "FastV: 2"),
+                            ("distill_rank", 1, "e.g. 8")):
             check_range(KEY + f, getattr(self, f), lo=lo, fix=f"set {KEY}{f} >= {lo} ({note})")
         if self.pool_kernel % 2 == 0:
             raise bad_value(KEY + "pool_kernel", self.pool_kernel, "must be odd (centred pooling)",
