@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from pikv_train.cache.compression.base import KVCompressor, Store, Versions
-from pikv_train.cache.compression.token_select import NEG, TokenSelectCache, TokenSelectPolicy
+from pikv_train.cache.compression.token_select import TokenSelectCache, TokenSelectPolicy
 
 
 class KVDistillStorage(KVCompressor):
@@ -122,34 +122,10 @@ class KVDistillStore(Store):
 class ScoreSelectCache(TokenSelectCache):
     """The token-select cache deciding from the stored learned scores instead of window attention."""
 
-    def _source_step(self, layer_idx, bi, states, qb, k_all, p_all, n_old, held):
-        pol = self.policy
-        w = pol.window(self.budget)
-        c = pol.capped_chunk(w)
-        dev = qb.device
-        if self._sel_at is None:
-            self._sel_at = {}
-        sel_at = self._sel_at[(layer_idx, bi)] = {}
-        for r in range(qb.shape[2]):
-            t = int(p_all[0][n_old[0] + r])
-            if t > 0 and pol.is_boundary(t, c, self.ref_len):
-                end = pol.chunk_end(t, c, self.ref_len)
-                score = torch.zeros(len(states), t, dtype=torch.float64, device=dev)
-                cand = torch.zeros(len(states), t, dtype=torch.bool, device=dev)
-                j = torch.arange(t, device=dev)
-                for h, st in enumerate(states):
-                    pos = p_all[h][held[h]]
-                    score[h].index_copy_(0, pos, st["kv"].score[held[h]].double())
-                    cand[h, st["sel"]] = True
-                    cand[h] |= (j >= t - w) & (j < end - w)
-                keep = pol.select(score[None], cand[None], pol.n_select(layer_idx, self.budget, max(0, end - w)))[0]
-                for h, st in enumerate(states):
-                    st["sel"] = keep[h].nonzero().flatten()
-            sel_at[t] = [st["sel"] for st in states]
-            for h, st in enumerate(states):
-                held[h] = self._apply(torch.cat([held[h], torch.tensor([n_old[h] + r], device=dev)]), p_all[h],
-                                      st["sel"], t, w)
-        return held
+    keeps_queries = False
+
+    def _held_scores(self, st, keys, pos, idx):
+        return st["kv"].score[idx].double()  # the store holds a score per held token, in the same order
 
 
 class DistillationCompressor(TokenSelectPolicy):
@@ -198,4 +174,4 @@ class DistillationCompressor(TokenSelectPolicy):
         return super().training_mask(q, k, ctx)
 
 
-__all__ = ["DistillationCompressor", "KVDistillStorage", "NEG"]
+__all__ = ["DistillationCompressor", "KVDistillStorage"]

@@ -178,11 +178,8 @@ class TokenSelectCache(PolicyCache):
                 p = torch.zeros(hkv, t, dtype=torch.float64, device=dev)
                 cand = torch.zeros(hkv, t, dtype=torch.bool, device=dev)
                 for h, st in enumerate(states):
-                    pos = p_all[h][held[h]]
-                    qw, qpos = st["qwin"]
-                    logits = qw.double() @ k_all[h][held[h]].double().t() / math.sqrt(qw.shape[-1])  # (g, nw, S)
-                    ph = logits.masked_fill(pos[None] > qpos[:, None], NEG).softmax(-1).mean(0).sum(0)
-                    p[h].index_copy_(0, pos, ph)
+                    p[h].index_copy_(0, p_all[h][held[h]], self._held_scores(st, k_all[h][held[h]], p_all[h][held[h]],
+                                                                             held[h]))
                     cand[h, st["sel"]] = True
                     cand[h] |= (torch.arange(t, device=dev) >= t - w) & (torch.arange(t, device=dev) < end - w)
                 keep = pol.select(pol.scores(p[None]), cand[None], pol.n_select(layer_idx, self.budget, max(0, end - w)))[0]
@@ -191,7 +188,9 @@ class TokenSelectCache(PolicyCache):
             sel_at[t] = [st["sel"] for st in states]
             for h, st in enumerate(states):
                 qn, pn = qb[h][:, r: r + 1], torch.tensor([t], device=dev)
-                if st["qwin"] is None:
+                if not self.keeps_queries:
+                    pass
+                elif st["qwin"] is None:
                     st["qwin"] = (qn, pn)
                 else:
                     st["qwin"] = (torch.cat([st["qwin"][0], qn], 1)[:, -w:], torch.cat([st["qwin"][1], pn])[-w:])
@@ -200,6 +199,17 @@ class TokenSelectCache(PolicyCache):
                 if pol.stores_selection_at_source:
                     held[h] = self._apply(held[h], p_all[h], st["sel"], t, w)
         return held
+
+    keeps_queries = True
+    """Whether source layers keep their last ``w`` queries (the window attention scores the held keys)."""
+
+    def _held_scores(self, st: dict, keys: Tensor, pos: Tensor, idx: Tensor) -> Tensor:
+        """(S,) float64 score of each held key (keys (S, hd), positions (S,), index ``idx`` into the stored tokens):
+        the window rows' attention over them, softmax over what each row can see, mean over the query heads of the
+        kv-head, summed over the rows."""
+        qw, qpos = st["qwin"]
+        logits = qw.double() @ keys.double().t() / math.sqrt(qw.shape[-1])  # (g, nw, S)
+        return logits.masked_fill(pos[None] > qpos[:, None], NEG).softmax(-1).mean(0).sum(0)
 
     @staticmethod
     def _apply(idx: Tensor, pos_all: Tensor, sel: Tensor, t: int, w: int) -> Tensor:
