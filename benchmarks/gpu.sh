@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of the project in one run (under 5 minutes on one H200), installing nothing it can avoid:
+# Every GPU figure of the project in one run (under 12 minutes on one H200), installing nothing it can avoid:
 #   1. benchmarks/router_kernel.py   fused Triton router vs eager PyTorch (T=16384, d=2048, E=64, k=8, bf16)
 #   2. benchmarks/gpu_cache_policies.py   (cache-policy figures, when that file exists)
+#   2b. benchmarks/pikv_tables.py --device cuda   (the seed's performance and compression tables, bf16, 8k context)
 #   3. the CUDA tests (pytest -m gpu: FlexAttention training forward/backward vs the CPU masks), when
 #      pytest and lightning are importable
 # Results land in benchmarks/results/*.json and on stdout.
@@ -34,6 +35,13 @@ if [ -f benchmarks/gpu_cache_policies.py ]; then
   timeout 170 "$PY" benchmarks/gpu_cache_policies.py "${DRY[@]}" || status=$?
 else
   echo "== cache policies: benchmarks/gpu_cache_policies.py not present, skipped =="
+fi
+if [ ${#DRY[@]} -eq 0 ]; then
+  # The seed's two tables on the GPU: bf16 decoding at an 8,192-token context, fits in bf16 mixed precision
+  # (benchmarks/results/pikv_tables_gpu.{json,md}); fewer steps than the CPU run to fit the device budget.
+  echo "== PiKV tables (benchmarks/pikv_tables.py --device cuda) =="
+  timeout 420 "$PY" benchmarks/pikv_tables.py --device cuda --dtype bf16 --context 8192 --steps 40 --val-batches 4 \
+    --decode-steps 32 || status=$?
 fi
 if [ ${#DRY[@]} -eq 0 ] && "$PY" -c "import pytest, lightning" 2>/dev/null; then
   echo "== GPU tests (pytest -m gpu) =="

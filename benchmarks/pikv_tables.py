@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import compression as C  # noqa: E402  the same CLI runner, start and checkpoint helpers
 
 RUNS = ROOT / "runs/pikv_tables"
+DTYPES: dict = {}  # filled in main(): fp32 / bf16 -> torch dtypes
 RESULTS = ROOT / "benchmarks/results"
 SHARDING = {"enabled": True}  # by routing, 4 sinks, window 16 (ShardingConfig defaults)
 POLICY = {"policy": "h2o", "budget": 0.375}
@@ -92,11 +93,14 @@ def flow(d) -> str:
     return str(d).lower() if isinstance(d, bool) else str(d)
 
 
+TRAIN_FLAGS: list[str] = []  # --device cuda: the fits run on the GPU in bf16 mixed precision
+
+
 def train(key: str, cache: dict | None, sharding: dict | None, steps: int, reuse: bool) -> Path:
     """Distil from the start for ``steps`` steps under the configuration through the real CLI."""
     out = RUNS / key
     ckpt = out / "checkpoints/last.ckpt"
-    want = {"cache": cache or {}, "sharding": sharding or {}, "steps": steps}
+    want = {"cache": cache or {}, "sharding": sharding or {}, "steps": steps, "flags": TRAIN_FLAGS}
     if reuse and ckpt.is_file() and (out / "bench_fit.json").is_file() and \
             json.loads((out / "bench_fit.json").read_text()).get("want") == want:
         print(f"reusing {ckpt.relative_to(ROOT)}", flush=True)
@@ -111,7 +115,7 @@ def train(key: str, cache: dict | None, sharding: dict | None, steps: int, reuse
         flags += ["--model.init_args.cache", flow(cache)]
     if sharding:
         flags += ["--model.init_args.kv_sharding", flow(sharding)]
-    wall, _ = C.run_cli(flags, RUNS / "logs" / f"{key}.log")
+    wall, _ = C.run_cli(flags + TRAIN_FLAGS, RUNS / "logs" / f"{key}.log")
     (out / "bench_fit.json").write_text(json.dumps({"want": want, "wall_s": wall}))
     return ckpt
 
@@ -169,21 +173,32 @@ def stored_bytes(model, tokens) -> int:
     return cache.bytes_stored()
 
 
-def decode_bench(models: dict, tokens, context: int, n_steps: int) -> dict:
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_bench(models: dict, tokens, context: int, n_steps: int, device="cpu") -> dict:
     """Prefill ``context`` tokens into each model's deployed cache, then time ``n_steps`` batch-1 decode steps
-    round-robin (one thread); also the bytes held per token at that context."""
+    round-robin (one CPU thread); also the bytes held per token at that context, and the share of a decode step
+    spent in the cache (``update``: store reads, dequantisation, policy decisions, gathers; ``attend``), measured
+    in a separate pass of 8 steps with the cache's calls timed."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    total = context + C.WARM_DECODE + n_steps
-    x, pos = tokens[:total][None], torch.arange(total)[None]
+    total = context + C.WARM_DECODE + n_steps + 8
+    x, pos = tokens[:total][None].to(device), torch.arange(total, device=device)[None]
     live, res = {}, {}
     with torch.no_grad():
         for key, model in models.items():
             cache = model.new_cache()
+            _sync(device)
             t0 = time.perf_counter()
             model(x[:, :context], positions=pos[:, :context], cache=cache)
+            _sync(device)
             res[key] = {"prefill_tok_s": round(context / (time.perf_counter() - t0), 1),
                         "bytes_per_token_at_context": round(cache.bytes_stored() / context, 1)}
             for i in range(context, context + C.WARM_DECODE):
@@ -193,11 +208,34 @@ def decode_bench(models: dict, tokens, context: int, n_steps: int) -> dict:
                   f"{res[key]['bytes_per_token_at_context']:.0f} bytes/token held", flush=True)
         times = {k: [] for k in live}
         keys = list(live)
-        for j, i in enumerate(range(context + C.WARM_DECODE, total)):
+        first = context + C.WARM_DECODE
+        for j, i in enumerate(range(first, first + n_steps)):
             for key in keys[j % len(keys):] + keys[: j % len(keys)]:
+                _sync(device)
                 t0 = time.perf_counter()
                 models[key](x[:, i: i + 1], positions=pos[:, i: i + 1], cache=live[key])
+                _sync(device)
                 times[key].append(time.perf_counter() - t0)
+        for key, cache in live.items():  # where the time goes: the cache's own calls, timed
+            spent = [0.0]
+
+            def timed(fn):
+                def call(*a, **kw):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    out = fn(*a, **kw)
+                    _sync(device)
+                    spent[0] += time.perf_counter() - t0
+                    return out
+                return call
+
+            cache.update, cache.attend = timed(cache.update), timed(cache.attend)
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(first + n_steps, first + n_steps + 8):
+                models[key](x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache)
+            _sync(device)
+            res[key]["cache_share"] = round(spent[0] / (time.perf_counter() - t0), 3)
     torch.set_num_threads(threads)
     for key, ts in times.items():
         res[key]["decode_tok_s"] = round(1 / statistics.median(ts), 1)
@@ -212,14 +250,30 @@ def _status(field: str) -> int:
 
 
 def memory_worker(spec: dict) -> None:
-    """One configuration in this process: peak resident memory over prefill + decoding (printed as JSON)."""
+    """One configuration in this process: peak memory over prefill + decoding (printed as JSON): the resident set
+    on CPU, the CUDA allocator's peak on a GPU."""
     import torch
 
     torch.set_num_threads(1)
     tokens = torch.load(spec["tokens"])
     total = spec["context"] + spec["steps"]
+    dev = spec.get("device", "cpu")
     model = load_trained(Path(spec["ckpt"]), reference_len=spec["reference_len"], max_seq_len=total)
-    x, pos = tokens[:total][None], torch.arange(total)[None]
+    model = model.to(dev, dtype=DTYPES[spec.get("dtype", "fp32")])
+    x, pos = tokens[:total][None].to(dev), torch.arange(total, device=dev)[None]
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            cache = model.new_cache()
+            model(x[:, : spec["context"]], positions=pos[:, : spec["context"]], cache=cache)
+            for i in range(spec["context"], total):
+                model(x[:, i: i + 1], positions=pos[:, i: i + 1], cache=cache)
+        torch.cuda.synchronize()
+        print(json.dumps({"rss_before_mb": round(base / 2**20, 1), "peak_mb": round(torch.cuda.max_memory_allocated()
+                                                                                  / 2**20, 1), "peak_reset": True}))
+        return
     before = _status("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident set
@@ -235,9 +289,10 @@ def memory_worker(spec: dict) -> None:
                       "peak_reset": reset}))
 
 
-def peak_memory(key: str, ckpt: Path, tokens_path: Path, context: int, steps: int, reference_len: int) -> dict:
+def peak_memory(key: str, ckpt: Path, tokens_path: Path, context: int, steps: int, reference_len: int,
+                device: str = "cpu", dtype: str = "fp32") -> dict:
     spec = {"ckpt": str(ckpt), "tokens": str(tokens_path), "context": context, "steps": steps,
-            "reference_len": reference_len}
+            "reference_len": reference_len, "device": device, "dtype": dtype}
     proc = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(spec)], cwd=ROOT,
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode:
@@ -285,18 +340,32 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048, help="prefill length of the decode measurements")
     ap.add_argument("--decode-steps", type=int, default=48, help="timed decode steps after the prefill")
     ap.add_argument("--threads", type=int, help="intra-op threads of the fits and evaluations")
+    ap.add_argument("--device", default="cpu", help="device of the decode and memory measurements (cuda: the fits "
+                    "run there too, in bf16 mixed precision); quality is evaluated on the CPU in fp32 either way")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights dtype of the decode and "
+                    "memory measurements")
+    ap.add_argument("--out", help="results name under benchmarks/results (default pikv_tables, or pikv_tables_gpu "
+                    "with --device cuda)")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
+    import torch
+
+    DTYPES.update(fp32=torch.float32, bf16=torch.bfloat16)
     if args.memory_worker:
         memory_worker(json.loads(args.memory_worker))
         return
+    global RUNS
+    gpu = torch.device(args.device).type == "cuda"
+    name = args.out or ("pikv_tables_gpu" if gpu else "pikv_tables")
+    if gpu:
+        RUNS = ROOT / "runs/pikv_tables_gpu"
+        TRAIN_FLAGS[:] = ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"]
     t_all = time.perf_counter()
     C.FIT_THREADS = args.threads
     C.ensure_start()
 
-    import torch
     import yaml
 
     from pikv_train.cache.compression import REGISTRY, TOKEN_REGISTRY
@@ -343,15 +412,17 @@ def main() -> None:
     t0 = time.perf_counter()
     total = args.context + C.WARM_DECODE + args.decode_steps
     print(f"\n--- decode: {args.context}-token prefill + {args.decode_steps} timed steps, batch 1, 1 thread", flush=True)
-    models = {k: load_trained(ckpts[k], reference_len=start.cfg.max_seq_len, max_seq_len=total) for k, *_ in entries}
-    dec = decode_bench(models, val_tokens, args.context, args.decode_steps)
+    total += 8  # the timed-cache pass
+    models = {k: load_trained(ckpts[k], reference_len=start.cfg.max_seq_len, max_seq_len=total).to(
+        args.device, dtype=DTYPES[args.dtype]) for k, *_ in entries}
+    dec = decode_bench(models, val_tokens, args.context, args.decode_steps, args.device)
     phases["decode_s"] = round(time.perf_counter() - t0, 1)
 
     # 4. peak memory during decoding, one process per performance configuration
     t0 = time.perf_counter()
     tok_path = RUNS / "decode_tokens.pt"
     torch.save(val_tokens.clone(), tok_path)
-    mem = {k: peak_memory(k, ckpts[k], tok_path, args.context, 16, start.cfg.max_seq_len)
+    mem = {k: peak_memory(k, ckpts[k], tok_path, args.context, 16, start.cfg.max_seq_len, args.device, args.dtype)
            for k, _, _, _, t in entries if t == "perf"}
     phases["memory_s"] = round(time.perf_counter() - t0, 1)
 
@@ -374,36 +445,40 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     env = f"Python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPU cores; commit {commit}"
     md = [
-        "| configuration | KV memory held (% Standard) | decode tok/s (x Standard) | peak memory in decoding "
-        "(increase) | ppl trained-under (% retained) | ppl training-free (% retained) | seed's claim (memory / speed / quality) |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | KV memory held (% Standard) | decode tok/s (x Standard) | cache share of a decode step "
+        "| peak memory in decoding (increase) | ppl trained-under (% retained) | ppl training-free (% retained) "
+        "| seed's claim (memory / speed / quality) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in perf:
         pm = r["peak_memory"]
         s = SEED[r["key"]]
         md.append(f"| {r['label']} | {r['bytes_at_seq']:,} B ({r['memory_pct']:.1f}%) | {r['decode_tok_s']:.0f} "
-                  f"({r['speed_x']:.2f}x) | {pm['peak_mb']:.0f} MB (+{pm['increase_mb']:.1f} MB) | {r['ppl_trained']:.3f} "
+                  f"({r['speed_x']:.2f}x) | {r['cache_share']:.0%} | {pm['peak_mb']:.0f} MB (+{pm['increase_mb']:.1f} MB) | {r['ppl_trained']:.3f} "
                   f"({r['quality_trained_pct']:.1f}%) | {r['ppl_free']:.3f} ({r['quality_free_pct']:.1f}%) | "
                   f"{s[0]}% / {s[1]}x / {s[2]}% |")
-    md += ["", "| compressor | setting | compression ratio (bytes held) | decode x | quality retained, trained-under "
-               "| quality retained, training-free |", "|---|---|---|---|---|---|"]
+    md += ["", "| compressor | setting | compression ratio (bytes held) | decode x (cache share) | quality retained, "
+               "trained-under | quality retained, training-free |", "|---|---|---|---|---|---|"]
     for r in comp:
         name = r["label"]
         md.append(f"| {name} | {RECOMMENDED[name][0]} | {100 / r['memory_pct']:.2f}x ({r['memory_pct']:.1f}% of "
-                  f"the bytes) | {r['speed_x']:.2f}x | {r['quality_trained_pct']:.1f}% | {r['quality_free_pct']:.1f}% |")
+                  f"the bytes) | {r['speed_x']:.2f}x ({r['cache_share']:.0%}) | {r['quality_trained_pct']:.1f}% | "
+                  f"{r['quality_free_pct']:.1f}% |")
     for n in missing:
         md.append(f"| {n} | not built yet | – | – | – | – |")
     md += ["", f"Target (<= 35% of Standard MoE's KV bytes with >= 97% of its quality, trained under): "
                + ("met by " + ", ".join(f"{r['label']} ({r['memory_pct']:.1f}%, {r['quality_trained_pct']:.1f}%)"
                                         for r in ok) if ok else "NOT met") + ".",
-           "", f"`python benchmarks/pikv_tables.py --steps {args.steps}`: {wall / 60:.0f} min wall; {env}."]
-    result = {"steps": args.steps, "context": args.context, "seq": int(seq.shape[1]), "val_batches": args.val_batches,
+           "", f"`python benchmarks/pikv_tables.py --steps {args.steps}"
+               + (f" --device {args.device} --dtype {args.dtype} --context {args.context}" if gpu else "")
+               + f"`: {wall / 60:.0f} min wall; {env}."]
+    result = {"steps": args.steps, "context": args.context, "device": args.device, "dtype": args.dtype, "seq": int(seq.shape[1]), "val_batches": args.val_batches,
               "performance": perf, "compression": comp, "not_built": missing, "target_met_by": [r["key"] for r in ok],
               "seed_claims": SEED, "phases_s": phases, "wall_s": round(wall, 1), "environment": env}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pikv_tables.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (RESULTS / "pikv_tables.md").write_text("\n".join(md) + "\n")
-    plot(perf, comp, RESULTS / "pikv_tables")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    plot(perf, comp, RESULTS / name)
     print("\n" + "\n".join(md))
 
 
