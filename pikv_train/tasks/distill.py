@@ -140,13 +140,18 @@ class DistillationTask(TaskBase):
             warnings.warn(f"{key}student_itself=true without a cache policy or compressor: the student is its own "
                           "teacher unchanged and the loss is zero; set model.init_args.cache.compressor (e.g. "
                           "{name: distillation})", stacklevel=3)
-        for name, p in self.student.named_parameters():
-            if not name.startswith(("cache_policy.", "kv_sharding.")):
-                p.requires_grad_(False)
+        self._freeze_base()
         if not any(p.requires_grad for h in hooks for p in h.parameters()):
             warnings.warn(f"{key}student_itself=true: the cache has nothing trainable (the student's weights are frozen "
                           "in this mode), so nothing learns; use a trainable compressor (distillation, lora, lora_plus)",
                           stacklevel=3)
+
+    def _freeze_base(self) -> None:
+        """The student's own weights stay fixed (the teacher is them); again after any cache policy change, since a
+        compressor leaving (e.g. LoRA folding its factors back) re-enables the projection it had frozen."""
+        for name, p in self.student.named_parameters():
+            if not name.startswith(("cache_policy.", "kv_sharding.")):
+                p.requires_grad_(False)
 
     def configure_model(self) -> None:
         if self.teacher is not None:
@@ -331,6 +336,8 @@ class DistillationTask(TaskBase):
         return float(sums[0] / sums[1].clamp_min(1.0))
 
     def training_step(self, batch, batch_idx):
+        if self.teacher_cfg.student_itself:
+            self._freeze_base()
         if self.objective.env is None:  # a step outside Trainer.fit (tests, manual loops)
             self.objective.bind(self._env())
         step = StepInfo(self.global_step, total_training_steps(self.trainer) if self._trainer is not None else 1)

@@ -154,3 +154,4 @@ def test_bytes_stored_counts_exactly_what_each_stream_holds(name):
         decides = any(pol.source(m) == layer for m in range(cfg.n_layer))
         assert (cache.store[layer][0][0]["qwin"] is not None) == decides
     assert cache.bytes_stored() == expect
+    assert not cache._sel_at  # the within-step selections are gone once the last layer reading them ran

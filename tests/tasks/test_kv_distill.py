@@ -52,7 +52,7 @@ def test_kv_distill_decodes_as_it_trained_with_adapted_kept_tokens(chunk):
     w = pol.window(pol.budget_tokens())
     assert (cache.head_lengths(0) == pol.budget_tokens()).all()  # window + the best-scored kept tokens
     st = cache.store[0][0][0]
-    assert len(st["kv"].kb) == w and len(st["kv"].ka) == len(st["pos"])  # base forms only for the window
+    assert len(st["kv"].kb) == w - 1 and len(st["kv"].ka) == len(st["pos"])  # base forms: what the next row reads
 
 
 def _trainer(tmp_path, steps):
@@ -86,8 +86,17 @@ def test_student_itself_trains_only_the_scorer_and_adapters(tmp_path):
             torch.testing.assert_close(plain(x).hidden, t_hidden, rtol=0, atol=0)
         compressed = plain(x).hidden
     assert float((compressed - t_hidden).abs().max()) > 1e-4
-    assert not any(p.requires_grad for p in task.teacher.parameters()) and task.teacher.head_weight.grad_fn is None
+    with torch.enable_grad():
+        assert not task.teacher(x).hidden.requires_grad  # the teacher's forward builds no graph
+    assert not task.teacher.head_weight.requires_grad  # nor does its head
     assert comp.window == 6  # min(obs_window, budget // 2): the storage reads base forms in the policy's window
+    w_kv = task.student.blocks[0].attn.kv_proj.weight
+    w_kv.requires_grad_(True)  # as a compressor leaving would (LoRA folds its factors back and unfreezes)
+    before_kv = w_kv.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path, 2).fit(task, datamodule=dm)
+    assert not w_kv.requires_grad and torch.equal(w_kv, before_kv)  # frozen again before every step
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -25,7 +25,7 @@ REGISTRY = {
 }
 
 
-# Token compressors are cache policies (they import the policy machinery, which imports this package's config):
+# Token compressors (FastV, PyramidKV, ChunkKV, KV-Distill) are cache policies (they import the policy machinery, which imports this package's config):
 # loaded on first use.
 TOKEN_REGISTRY = {
     "fastv": ("pikv_train.cache.compression.fastv", "FastVCompressor"),
@@ -36,14 +36,14 @@ TOKEN_REGISTRY = {
 
 
 def token_compressor_class(name: str):
-    """The policy class of a token compressor (``fastv``, ``pyramid_kv``, ``chunk_kv``)."""
+    """The policy class of a token compressor (``fastv``, ``pyramid_kv``, ``chunk_kv``, ``distillation``)."""
     import importlib
 
     module, cls = TOKEN_REGISTRY[name]
     return getattr(importlib.import_module(module), cls)
 
 
-def __getattr__(name):  # FastVCompressor, PyramidKVCompressor, ChunkKVCompressor under the seed's names
+def __getattr__(name):  # FastVCompressor, PyramidKVCompressor, ChunkKVCompressor, DistillationCompressor
     for key, (_, cls) in TOKEN_REGISTRY.items():
         if cls == name:
             return token_compressor_class(key)

@@ -1,7 +1,7 @@
 """Typed settings of the KV compressor (``cache.compressor:`` in recipes), SPEC §6.
 
 One dataclass for the storage compressors (how a kept token is stored) and the token compressors (which tokens
-are kept: FastV, PyramidKV, ChunkKV); fields of compressors other than the selected one are ignored. Every
+are kept: FastV, PyramidKV, ChunkKV, KV-Distill; the PiKV hybrid does both); fields of compressors other than the selected one are ignored. Every
 default is the published one where the paper has one.
 """
 
@@ -67,7 +67,8 @@ class CompressorConfig:
     # -- token compressors (fastv, pyramid_kv, chunk_kv): SnapKV-style observation window, decided causally
     obs_window: int = 32
     """Observation window w: the last w rows before a decision score the held keys, and the w most recent keys
-    are always kept (capped at half the budget for pyramid_kv / chunk_kv). SnapKV / PyramidKV use 32-64."""
+    are always kept (capped at half the budget for pyramid_kv / chunk_kv / distillation). SnapKV / PyramidKV use
+    32-64."""
     pool_kernel: int = 5
     """Pooling kernel over key positions of the window scores (SnapKV / PyramidKV / ChunkKV: 5; FastV: none)."""
     pooling: Literal["avgpool", "maxpool"] = "avgpool"

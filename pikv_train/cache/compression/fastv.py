@@ -2,7 +2,10 @@
 received the least attention at layer K.
 
 FastV ranks the (image) tokens by the attention the last token pays them at layer K, averaged over heads, and
-the layers after K never see the dropped R% (FastV: K = 2, R = 50%). Layers 0..K keep every token.
+the layers after K never see the dropped R% (FastV: K = 2, R = 50%). Layers 0..K keep every token. Indexing: as
+SPEC §6 words it, ``fastv_layer`` K is the layer whose attention ranks and the layers after it prune; FastV's code
+ranks with the attention of layer K - 1 and prunes from layer K (0-indexed), so FastV's K = 2 is ``fastv_layer: 1``
+here.
 
 Causal form (module docstring of :mod:`~pikv_train.cache.compression.token_select`): the observation window is the
 last ``obs_window`` rows before each boundary (FastV's "last token", widened so that a decision depends on more than

@@ -7,8 +7,8 @@ d_h, B zero at init, so training starts from the base projection) on the K/V pro
 base key/value while it is in the recent window of ``obs_window`` tokens; when it leaves, it is kept, in its adapted
 form (keys rotated after adaptation), only if it is among the ``budget - window`` best-scored tokens (the previous
 choice plus the tokens leaving now compete every ``cache.chunk_size`` rows, as in the other token compressors;
-one choice for all kv-heads). The cache stores both forms of the window tokens and the adapted form of the kept
-ones, with their scores.
+one choice for all kv-heads). The cache stores both forms of the window tokens the next row reads in base form and
+the adapted form of the kept ones, with their scores.
 
 The scorer's hard top-k sends no gradient, so the kept tokens' values are scaled by ``1 + s_j - stopgrad(s_j)``:
 the forward is unchanged and the scorer learns how much each kept token's contribution lowers the loss.
@@ -87,8 +87,9 @@ class KVDistillStorage(KVCompressor):
         return KVDistillStore(self.window, like)
 
     def bytes_per_token_head(self, element_size, context):
-        """Every kept token's adapted key + value and its score; the window's base forms on top (amortised)."""
-        w = min(self.window, context)
+        """Every kept token's adapted key + value and its score; the base forms of the window's w - 1 tokens the
+        next row reads on top (amortised)."""
+        w = min(self.window - 1, context)
         return 2 * self.head_dim * element_size * (1 + w / context) + element_size
 
 
@@ -116,7 +117,9 @@ class KVDistillStore(Store):
         self.score = torch.cat([self.score, codes["score"]])[keep]
         kb, vb = torch.cat([self.kb, codes["k"]]), torch.cat([self.vb, codes["v"]])
         tail = keep[len(keep) - len(kb):]  # the base forms cover the last tokens
-        self.kb, self.vb = kb[tail], vb[tail]
+        kb, vb = kb[tail], vb[tail]
+        start = max(0, len(kb) - (self.w - 1))  # the next row reads the last w - 1 in base form (and its own token)
+        self.kb, self.vb = kb[start:], vb[start:]
 
 
 class ScoreSelectCache(TokenSelectCache):

@@ -52,9 +52,10 @@ class PiKVCompressor(PyramidCompressor):
         return torch.where(fits, x, torch.zeros_like(x)), torch.where(fits, n_cand, torch.minimum(keep, n_cand))
 
     def bytes_per_token_head(self, element_size, context):
-        """Bytes per token of a ``context``-token stream: at most the byte budget for the decided tokens (or the
-        recent window alone when the budget is below it), the tokens since the last decision at full precision,
-        and per held token its float64 score and int8 tier."""
+        """An upper bound on the bytes per token of a ``context``-token stream: the byte budget for the decided
+        tokens (or the recent window alone when the budget is below it), the tokens since the last decision at full
+        precision, and a float64 score and int8 tier per token (evicted tokens hold none: ``bytes_stored()`` is
+        exact)."""
         full, _, _ = self.token_bytes(element_size)
         n, c, r = context, min(self.cfg.tier_every, context), min(self.cfg.recent, context)
         decided = n - c

@@ -5,13 +5,14 @@ The published methods (FastV, PyramidKV, ChunkKV) compress a prompt once, after 
 of its last ``w`` queries (the observation window). Trained and decoded here, a decision may only use earlier
 rows, so they run as a sequential process: at boundaries every C rows (C = ``cache.chunk_size`` capped at w),
 the last ``w`` rows before the boundary s0 (rows [s0 - w, s0)) attend over the keys the layer holds at s0 (softmax
-over those they can see, mean over the query heads of a kv-head, summed over the window rows) and the scores are
-pooled over key positions. The candidates are the previous selection plus the keys that leave the recent window
+over those they can see, mean over the query heads of a kv-head, summed over the window rows) and the scores of
+the keys that can leave the window during the coming block are pooled over key positions (SnapKV pools the prefix
+before its window: the keys that stay in the window are zero here). The candidates are the previous selection plus the keys that leave the recent window
 during the coming block (``s0 - w <= j < e - w``, e the next boundary); each method's ``select`` keeps some of them.
 A key outside the window that is not selected leaves and never returns; the ``w`` most recent keys are always
-read. The cache (:class:`TokenSelectCache`) keeps the last ``w`` queries and takes the same decisions from the keys
-it really holds, in float64 as the training pass, so decoding equals the masked training forward
-(tests/cache/test_contract.py).
+read. The cache (:class:`TokenSelectCache`) keeps the last ``w`` queries (KV-Distill: the learned scores instead)
+and takes the same decisions from the keys it really holds, in float64 as the training pass, so decoding equals
+the masked training forward (tests/cache/test_contract.py).
 
 Cross-layer decisions (ChunkKV's index reuse, FastV's layer K choosing for the later layers): layer l applies
 the selection of its source layer ``source(l)`` (itself, an earlier layer, or None: every key). In training the
@@ -49,6 +50,7 @@ class TokenSelectPolicy(CachePolicy):
     source layer keeps) and may override ``select`` (per kv-head top-n by default)."""
 
     cache_cls = None  # set below (TokenSelectCache)
+    skips_when_budget_covers = False  # per-layer budgets / whole chunks / a ratio: the budget alone does not make it inert
     stores_selection_at_source = True
     """Whether a source layer itself keeps only its selection (PyramidKV, ChunkKV) or every key (FastV's layer K)."""
     pools = True
@@ -84,9 +86,13 @@ class TokenSelectPolicy(CachePolicy):
         s = score.shape[-1]
         return top_n_mask(score.masked_fill(~cand, NEG), n, torch.arange(s, device=score.device, dtype=torch.float64))
 
-    def scores(self, p: Tensor) -> Tensor:
-        """(B, H_kv, S) summed window attention -> the scores ``select`` ranks (pooled)."""
-        return pool_scores(p, self.ccfg.pool_kernel, self.ccfg.pooling) if self.pools else p
+    def scores(self, p: Tensor, limit: int) -> Tensor:
+        """(B, H_kv, S) summed window attention -> the scores ``select`` ranks: pooled over the keys before
+        ``limit`` only (the keys that stay in the window through the block are zero, as SnapKV pools the prefix
+        before its observation window), positions from ``limit`` on zero."""
+        j = torch.arange(p.shape[-1], device=p.device)
+        p = p.masked_fill(j >= limit, 0.0)
+        return pool_scores(p, self.ccfg.pool_kernel, self.ccfg.pooling).masked_fill(j >= limit, 0.0) if self.pools else p
 
     # ------------------------------------------------------------------ training
     def is_source(self, layer: int) -> bool:
@@ -116,7 +122,7 @@ class TokenSelectPolicy(CachePolicy):
             logits = qg[:, :, :, wr] @ kd.transpose(-1, -2)  # (B, H_kv, g, nw, T)
             vis = held[:, :, None, None, :] & (j[None] <= wr[:, None])
             p = logits.masked_fill(~vis, NEG).softmax(-1).mean(2).sum(2)  # (B, H_kv, T)
-            sc = self.scores(p).masked_fill(j >= s0, 0.0)  # nothing at or past the boundary exists yet
+            sc = self.scores(p, end - w)  # the candidates' region (nothing at or past the boundary exists yet)
             keep = self.select(sc, cand, self.n_select(layer, budget, max(0, end - w)))
             out[:, :, ci] = keep
         return out
@@ -182,7 +188,8 @@ class TokenSelectCache(PolicyCache):
                                                                              held[h]))
                     cand[h, st["sel"]] = True
                     cand[h] |= (torch.arange(t, device=dev) >= t - w) & (torch.arange(t, device=dev) < end - w)
-                keep = pol.select(pol.scores(p[None]), cand[None], pol.n_select(layer_idx, self.budget, max(0, end - w)))[0]
+                keep = pol.select(pol.scores(p[None], end - w), cand[None],
+                                  pol.n_select(layer_idx, self.budget, max(0, end - w)))[0]
                 for h, st in enumerate(states):
                     st["sel"] = keep[h].nonzero().flatten()
             sel_at[t] = [st["sel"] for st in states]
@@ -233,6 +240,8 @@ class TokenSelectCache(PolicyCache):
                 rows[h] = p_all[h][None] <= p_all[h][n_old[h]:][:, None]
             return rows, [torch.ones(len(p), dtype=torch.bool, device=dev) for p in p_all]
         sel_at = self._sel_at[(src, bi)]  # the source layer ran earlier in this step (or is this layer)
+        if layer_idx == max(m for m in range(pol.n_layer or layer_idx + 1) if pol.source(m) == src):
+            del self._sel_at[(src, bi)]  # the step's last reader: not held between steps
         w = pol.window(self.budget)
         keeps = []
         for h in range(len(states)):
