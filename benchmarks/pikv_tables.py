@@ -460,8 +460,7 @@ def main() -> None:
     md += ["", "| compressor | setting | compression ratio (bytes held) | decode x (cache share) | quality retained, "
                "trained-under | quality retained, training-free |", "|---|---|---|---|---|---|"]
     for r in comp:
-        name = r["label"]
-        md.append(f"| {name} | {RECOMMENDED[name][0]} | {100 / r['memory_pct']:.2f}x ({r['memory_pct']:.1f}% of "
+        md.append(f"| {r['label']} | {RECOMMENDED[r['label']][0]} | {100 / r['memory_pct']:.2f}x ({r['memory_pct']:.1f}% of "
                   f"the bytes) | {r['speed_x']:.2f}x ({r['cache_share']:.0%}) | {r['quality_trained_pct']:.1f}% | "
                   f"{r['quality_free_pct']:.1f}% |")
     for n in missing:
