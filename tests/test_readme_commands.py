@@ -157,8 +157,10 @@ def _tiny(args: list[str], out: Path, ckpts: "Checkpoints") -> list[str]:
             tokenizer = _option(args, "--data.tokenizer")
             if tokenizer and tokenizer[1] != "byte":  # the teacher's folder, named again for the data
                 args = _set(args, "--data.tokenizer", str(ckpts.hf_teacher()))
-        else:
+        elif "student_itself: true" not in " ".join(args):  # the student as its own teacher needs none
             args = _set(args, "--model.init_args.teacher.checkpoint", str(ckpts.teacher()))
+        if _option(args, "--model.init_args.student_init"):  # a student of the same recipe to start from
+            args = _set(args, "--model.init_args.student_init", str(ckpts.fitted(args)))
     return args + TINY + ["--out_dir", str(out)]
 
 
