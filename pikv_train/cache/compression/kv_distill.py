@@ -153,24 +153,10 @@ class DistillationCompressor(TokenSelectPolicy):
     def select(self, score, cand, n):
         return super().select(score.mean(1, keepdim=True), cand[:, :1], n).expand_as(cand)  # one choice per token
 
-    @torch.no_grad()
-    def keep_per_block(self, q, k, layer, budget):
-        """(B, H_kv, nC, T) the selection of each block from the learned scores of the tokens before it."""
-        b, hkv, t, _ = k.shape
-        w = self.window(budget)
-        c = self.capped_chunk(w)
-        starts = self.chunk_starts(t, c)
-        score = self.compressor.scores(layer).double()[:, None].expand(b, hkv, t)
-        j = torch.arange(t, device=k.device)
-        keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=k.device)
-        out = torch.zeros(b, hkv, len(starts), t, dtype=torch.bool, device=k.device)
-        for ci in range(1, len(starts)):
-            s0 = starts[ci]
-            end = self.chunk_end(s0, c)
-            cand = keep | ((j >= s0 - w) & (j < end - w))
-            keep = self.select(score.masked_fill(j >= s0, 0.0), cand, self.n_select(layer, budget, max(0, end - w)))
-            out[:, :, ci] = keep
-        return out
+    def block_scores(self, qg, kd, keep, j, s0, end, w, layer):
+        """The learned scores of the tokens (static per token, the same for every kv-head), not window attention."""
+        b, hkv, t = keep.shape
+        return self.scores(self.compressor.scores(layer).double()[:, None].expand(b, hkv, t), end - w)
 
     def training_mask(self, q, k, ctx):
         self.compressor.window = self.window(self.budget_tokens())

@@ -115,17 +115,24 @@ class TokenSelectPolicy(CachePolicy):
         for ci in range(1, len(starts)):
             s0 = starts[ci]
             end = self.chunk_end(s0, c)
-            held = (keep | (j >= s0 - w)) if self.stores_selection_at_source else torch.ones_like(keep)
-            held = held & (j < s0)
             cand = keep | ((j >= s0 - w) & (j < end - w))
-            wr = j[max(0, s0 - w): s0]
-            logits = qg[:, :, :, wr] @ kd.transpose(-1, -2)  # (B, H_kv, g, nw, T)
-            vis = held[:, :, None, None, :] & (j[None] <= wr[:, None])
-            p = logits.masked_fill(~vis, NEG).softmax(-1).mean(2).sum(2)  # (B, H_kv, T)
-            sc = self.scores(p, end - w)  # the candidates' region (nothing at or past the boundary exists yet)
+            sc = self.block_scores(qg, kd, keep, j, s0, end, w, layer)
             keep = self.select(sc, cand, self.n_select(layer, budget, max(0, end - w)))
             out[:, :, ci] = keep
         return out
+
+    def block_scores(self, qg: Tensor, kd: Tensor, keep: Tensor, j: Tensor, s0: int, end: int, w: int,
+                     layer: int) -> Tensor:
+        """(B, H_kv, T) what ``select`` ranks at boundary s0: the window rows' attention over the keys the layer
+        holds (qg (B, H_kv, g, T, hd) scaled queries, kd (B, H_kv, 1, T, hd) keys, keep the previous selection),
+        pooled over the candidates' region (nothing at or past the boundary exists yet)."""
+        held = (keep | (j >= s0 - w)) if self.stores_selection_at_source else torch.ones_like(keep)
+        held = held & (j < s0)
+        wr = j[max(0, s0 - w): s0]
+        logits = qg[:, :, :, wr] @ kd.transpose(-1, -2)  # (B, H_kv, g, nw, T)
+        vis = held[:, :, None, None, :] & (j[None] <= wr[:, None])
+        p = logits.masked_fill(~vis, NEG).softmax(-1).mean(2).sum(2)  # (B, H_kv, T)
+        return self.scores(p, end - w)
 
     def mask(self, q, k, ctx, budget):
         layer, t = ctx.layer_idx, q.shape[2]
