@@ -90,3 +90,11 @@ def to_hf(model):
     if missing or unexpected:
         raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
     return hf.eval()
+
+
+def save_folder(model, out_dir) -> None:
+    """Write ``model`` (our decoder) as a Hugging Face folder: ``config.json`` and ``model.safetensors`` (through
+    ``save_pretrained``), and ``generation_config.json``; ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it
+    without remote code. The tokenizer, model card and cache configuration are not written yet (issue 15)."""
+    hf = to_hf(model)
+    hf.save_pretrained(str(out_dir), safe_serialization=True)

@@ -8,7 +8,7 @@ import torch
 from helpers import assert_close_rel
 
 from pikv_train.errors import ConfigError
-from pikv_train.hf import to_hf
+from pikv_train.hf import save_folder, to_hf
 from pikv_train.models import Decoder, ModelConfig
 from pikv_train.models.config import MoEConfig
 from pikv_train.routing import RouterConfig
@@ -56,3 +56,16 @@ def test_students_without_an_exact_equivalent_are_refused(router, match):
     with pytest.raises(ConfigError, match=match) as e:
         to_hf(_student(router))
     assert "\n" not in str(e.value) and "exportable: dense students (Llama)" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk_balanced"])
+def test_saved_folder_loads_with_plain_transformers_and_gives_the_same_logits(kind, tmp_path):
+    import transformers
+
+    model = _student(kind, tie=kind == "dense")
+    save_folder(model, tmp_path / "hf")
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()  # no trust_remote_code
+    x = torch.randint(0, 258, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close_rel(hf(input_ids=x).logits, model.logits(model(x).hidden), 1e-5)
