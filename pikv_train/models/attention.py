@@ -70,39 +70,55 @@ class CausalSelfAttention(nn.Module):
         """
         b, t, _ = x.shape
         q = self.project_q(x, cos, sin)
-        versions = None
         if compressor is None:
             k, v = self.project_kv(x, cos, sin)
             codes = None
         else:
             k, v, codes = compressor.kv(layer_idx, self, x, cos, sin)
-            if cache is None and compressor.versioned and not getattr(compressor, "needs_visibility", False):
-                versions = compressor.versions(layer_idx, k, v)
-        if ctx is not None:
-            ctx.versions = versions
-        y = None
-        if cache is not None:
-            k, v, mask = cache.update(layer_idx, q, k, v, positions, **({} if codes is None else {"codes": codes}))
-            attend_fn = getattr(cache, "attend", None)  # duck-typed caches without it use SDPA
-            y = attend_fn(q, k, v, mask) if attend_fn is not None else None
-        elif hooks:
-            stats0 = dict(ctx.stats) if ctx is not None else None  # before the hooks log this layer
-            mask0, mask = mask, hook_masks(q, k, mask, hooks, ctx)
-            if compressor is not None and getattr(compressor, "needs_visibility", False):
-                versions, mask = tiered_versions(compressor, hooks, layer_idx, q, k, v, mask0, mask, ctx, stats0)
-                if ctx is not None:
-                    ctx.versions = versions
-            for h in hooks:
-                y = h.attend(q, k, v, mask, ctx)
-                if y is not None:
-                    break
-        if y is None:
-            y = attend(q, k, v, mask, self.n_head // self.n_kv_head, versions)
-        if ctx is not None and getattr(ctx, "want_attention_probs", False) and cache is None:
-            if mask is None and ctx.scratch.get("policy_dense_mask") is not None:
-                mask = ctx.scratch["policy_dense_mask"]()  # FlexAttention path: the same visibility, densely
-            ctx.attention_probs = attention_probs(q, k, mask, self.n_head // self.n_kv_head, versions)
+        y = attend_layer(q, k, v, codes, self.n_head // self.n_kv_head, mask=mask, cache=cache, layer_idx=layer_idx,
+                         positions=positions, hooks=hooks, ctx=ctx, compressor=compressor)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+
+def attend_layer(q: Tensor, k: Tensor, v: Tensor, codes: dict | None, group: int, *, mask: Tensor | None = None,
+                 cache=None, layer_idx: int = 0, positions: Tensor | None = None, hooks: list | None = None, ctx=None,
+                 compressor=None) -> Tensor:
+    """One layer's attention after the projections: (B, H, T, hd) output of rotated q (B, H, T, hd) over the new
+    keys/values k, v (B, H_kv, T, hd) (``codes``: the compressor's stored form of them, or None).
+
+    Shared by :class:`CausalSelfAttention` and the Hugging Face attention function (``pikv_train.hf``), so a
+    transformers model trains and decodes under a policy through exactly this code. With ``cache`` the cache decides
+    what each query reads (decoding); otherwise the hooks' training masks are ANDed with ``mask`` (see
+    :meth:`CausalSelfAttention.forward` for the arguments).
+    """
+    versions = None
+    if cache is None and compressor is not None and compressor.versioned and not getattr(compressor, "needs_visibility", False):
+        versions = compressor.versions(layer_idx, k, v)
+    if ctx is not None:
+        ctx.versions = versions
+    y = None
+    if cache is not None:
+        k, v, mask = cache.update(layer_idx, q, k, v, positions, **({} if codes is None else {"codes": codes}))
+        attend_fn = getattr(cache, "attend", None)  # duck-typed caches without it use SDPA
+        y = attend_fn(q, k, v, mask) if attend_fn is not None else None
+    elif hooks:
+        stats0 = dict(ctx.stats) if ctx is not None else None  # before the hooks log this layer
+        mask0, mask = mask, hook_masks(q, k, mask, hooks, ctx)
+        if compressor is not None and getattr(compressor, "needs_visibility", False):
+            versions, mask = tiered_versions(compressor, hooks, layer_idx, q, k, v, mask0, mask, ctx, stats0)
+            if ctx is not None:
+                ctx.versions = versions
+        for h in hooks:
+            y = h.attend(q, k, v, mask, ctx)
+            if y is not None:
+                break
+    if y is None:
+        y = attend(q, k, v, mask, group, versions)
+    if ctx is not None and getattr(ctx, "want_attention_probs", False) and cache is None:
+        if mask is None and ctx.scratch.get("policy_dense_mask") is not None:
+            mask = ctx.scratch["policy_dense_mask"]()  # FlexAttention path: the same visibility, densely
+        ctx.attention_probs = attention_probs(q, k, mask, group, versions)
+    return y
 
 
 def hook_masks(q: Tensor, k: Tensor, mask: Tensor | None, hooks, ctx) -> Tensor | None:
