@@ -1,4 +1,5 @@
-"""``python -m pikv_train fit|validate|test|predict --config recipe.yaml`` (also the ``pikv-train`` script).
+"""``python -m pikv_train fit|validate|test|predict --config recipe.yaml`` (also the ``pikv-train`` script), and
+``python -m pikv_train export --ckpt PATH --out DIR`` (a checkpoint as a Hugging Face folder: :mod:`pikv_train.hf.command`).
 
 A LightningCLI with:
 - OmegaConf interpolation resolved once after all files and flags are merged (``omegaconf+``), so
@@ -969,6 +970,11 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
     # The frozen teacher is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["export"]:  # not a Lightning subcommand: a checkpoint to a Hugging Face folder
+        from pikv_train.hf.command import main as export_main
+
+        export_main(argv[1:])
+        return None
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     from pikv_train.errors import one_line_warnings
     from pikv_train.run_lock import release_run_lock

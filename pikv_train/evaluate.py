@@ -17,9 +17,10 @@ from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.teacher import read_checkpoint
 
 
-def load_decoder(path: str | Path) -> Decoder:
-    """The trained decoder (teacher, or student) stored in a pikv_train checkpoint, in eval mode."""
-    ckpt = read_checkpoint(path)
+def load_decoder(path: str | Path | dict) -> Decoder:
+    """The trained decoder (teacher, or student) stored in a pikv_train checkpoint (its path, or the checkpoint
+    dict :func:`~pikv_train.tasks.teacher.read_checkpoint` returned), in eval mode."""
+    ckpt = path if isinstance(path, dict) else read_checkpoint(path)
     cfg = ModelConfig.from_dict(ckpt["pikv_model_config"])
     prefix = "model." if ckpt.get("pikv_task") == "lm" else "student."
     model = Decoder(cfg)

@@ -239,6 +239,17 @@ def test_the_readme_shows_the_commands_this_test_runs():
 def test_readme_command_runs_as_written(section, command, tmp_path, checkpoints):
     args = shlex.split(command)[len(PREFIX):]
     sub, out = args[0], tmp_path / "out"
+    if sub == "export":  # a checkpoint of the main job's recipe (tiny), exported into a fresh folder
+        if "--help" not in args:
+            fitted = checkpoints.fitted(["fit", "--config", "recipes/distill.yaml"])
+            args = _set(_set(args, "--ckpt", str(fitted)), "--out", str(out))
+        _, stdout = _run(args)
+        if "--help" in args:
+            assert "--ckpt" in stdout and "--out" in stdout
+        else:
+            assert {"config.json", "model.safetensors", "tokenizer.json", "pikv_cache.json", "README.md"} <= {
+                p.name for p in out.iterdir()} and "architecture" in stdout
+        return
     ckpt = _option(args, "--ckpt_path")
     steps = STEPS
     if ckpt and ckpt[1] == "last":

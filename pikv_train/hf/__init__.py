@@ -2,7 +2,10 @@
 policies inside ``generate()`` (:class:`PiKVCache`) and the ``"pikv"`` attention implementation (registered on import)."""
 
 from pikv_train.hf.attention import train_under
-from pikv_train.hf.cache import PiKVCache
+from pikv_train.hf.cache import PiKVCache, kv_bytes
+from pikv_train.hf.cache_file import read_cache_config
+from pikv_train.hf.command import export_checkpoint
 from pikv_train.hf.export import hf_config, hf_state_dict, save_folder, to_hf
 
-__all__ = ["PiKVCache", "hf_config", "hf_state_dict", "save_folder", "to_hf", "train_under"]
+__all__ = ["PiKVCache", "export_checkpoint", "hf_config", "hf_state_dict", "kv_bytes", "read_cache_config", "save_folder",
+           "to_hf", "train_under"]

@@ -270,3 +270,12 @@ class PiKVCache(Cache):
         c = self.cache_cfg
         comp = "" if c.compressor.name == "none" else f", compressor={c.compressor.name}"
         return f"PiKVCache(policy={c.policy}, budget={c.budget}{comp}, bytes={self.bytes_stored()})"
+
+
+def kv_bytes(cache) -> int:
+    """Bytes a transformers cache holds: :meth:`PiKVCache.bytes_stored`, or the keys and values of every layer of
+    another cache (a DynamicCache: the full-attention baseline)."""
+    if isinstance(cache, PiKVCache):
+        return cache.bytes_stored()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, Tensor))
