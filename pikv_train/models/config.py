@@ -10,6 +10,7 @@ from pikv_train.errors import ConfigError, bad_value, check_range
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from pikv_train.models.lora import LoRAConfig
 from pikv_train.routing.base import RouterConfig
 
 
@@ -58,6 +59,9 @@ class ModelConfig:
     """Share the token embedding with the LM head."""
     moe: MoEConfig | None = None
     """MoE FFN settings; None gives a dense decoder (teachers)."""
+    lora: LoRAConfig | None = None
+    """LoRA / LoRA+ adapters (students from pretrained weights: student_init or hf_path): the base weights freeze and
+    low-rank updates of the chosen projections train; None trains every weight."""
 
     def __post_init__(self) -> None:
         k = MODEL_KEY
@@ -74,6 +78,10 @@ class ModelConfig:
         if (self.d_model // self.n_head) % 2:
             raise bad_value(f"{k}.d_model", self.d_model, f"head dim d_model/n_head={self.d_model // self.n_head} must be even "
                             "for RoPE", f"change {k}.d_model or {k}.n_head so that d_model/n_head is even")
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig(**self.lora)
+        if self.lora is not None:
+            self.lora.validate()
         if self.moe is not None:
             m, r = f"{k}.moe", f"{k}.moe.router"
             check_range(f"{m}.n_experts", self.moe.n_experts, lo=1, fix=f"set {m}.n_experts to a positive integer")

@@ -28,10 +28,11 @@ from pikv_train.distill.skd import SKDObjective
 from pikv_train.distill.term import DistillLoss, DistillLossConfig
 from pikv_train.errors import ConfigError
 from pikv_train.models.config import ModelConfig
+from pikv_train.models.build import build_decoder
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
 from pikv_train.tasks.checks import check_cache_budget, check_positions, check_vocab
-from pikv_train.tasks.teacher import TeacherConfig, init_student_from, load_teacher
+from pikv_train.tasks.teacher import TeacherConfig, load_teacher
 
 __all__ = ["DistillationTask", "DistillLossConfig"]
 
@@ -101,10 +102,8 @@ class DistillationTask(TaskBase):
             "distillm2": lambda: DistiLLM2Objective(as_config(DistiLLM2Config, distillm2), seed),
             "skd": lambda: SKDObjective(as_config(SKDConfig, skd), seed),
         }[objective]()
-        self.student = Decoder(as_config(ModelConfig, student))
+        self.student = build_decoder(as_config(ModelConfig, student), student_init)
         self.student.activation_checkpointing = activation_checkpointing
-        if student_init:
-            init_student_from(self.student, student_init)
         self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))
         self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache), self.student.cfg))
         self.teacher = None

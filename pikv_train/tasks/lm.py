@@ -10,10 +10,10 @@ from pikv_train.cache.config import CacheConfig, build_policy
 from pikv_train.cache.sharding import ShardingConfig, build_sharding
 from pikv_train.distill import chunked_cross_entropy
 from pikv_train.models.config import ModelConfig
+from pikv_train.models.build import build_decoder
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
 from pikv_train.tasks.checks import check_cache_budget, check_positions, check_vocab
-from pikv_train.tasks.teacher import init_student_from
 
 
 class LanguageModelTask(TaskBase):
@@ -46,10 +46,8 @@ class LanguageModelTask(TaskBase):
         super().__init__()
         self.save_hyperparameters()
         self.nonfinite = nonfinite
-        self.model = Decoder(as_config(ModelConfig, model))
+        self.model = build_decoder(as_config(ModelConfig, model), init_from)
         self.model.activation_checkpointing = activation_checkpointing
-        if init_from:
-            init_student_from(self.model, init_from)
         self.model.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.model.cfg))
         self.model.set_cache_policy(build_policy(as_config(CacheConfig, cache), self.model.cfg))
         self.optim_cfg = as_config(OptimConfig, optim)
