@@ -228,6 +228,7 @@ class PiKVCLI(LightningCLI):
         if sub in ("validate", "test", "predict"):
             # The training run's config.yaml stays the training run's: evaluations save their own.
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{sub}-config.yaml"}
+        _use_model_tokenizer(cfg)
         _use_teacher_tokenizer(cfg)
 
     def _parse_ckpt_path(self) -> None:
@@ -239,6 +240,7 @@ class PiKVCLI(LightningCLI):
         if not sub:
             return
         cfg = self.config[sub]
+        _use_model_tokenizer(cfg)
         _use_teacher_tokenizer(cfg)  # the student's vocabulary as the run will have it, before comparing
         ckpt = cfg.get("ckpt_path")
         if ckpt and ckpt not in _CKPT_WORDS and not str(ckpt).startswith("registry"):
@@ -419,11 +421,15 @@ def _fail(key: str, value, valid: str, fix: str) -> None:
 
 def _has_weights(cfg) -> bool:
     """Whether a validate/test/predict run has weights other than random ones without a checkpoint to load:
-    --random_weights true, or the task starts from a checkpoint (student_init, LanguageModelTask's init_from)."""
+    --random_weights true, or the task starts from a checkpoint (student_init, LanguageModelTask's init_from) or a
+    Hugging Face folder (the model's hf_path)."""
     if cfg.get("random_weights"):
         return True
     init = cfg.get("model", {}).get("init_args") if cfg.get("model") is not None else None
-    return init is not None and bool(init.get("student_init") or init.get("init_from"))
+    if init is None:
+        return False
+    from_folder = any(hasattr(init.get(k), "get") and init.get(k).get("hf_path") for k in ("student", "model"))
+    return bool(init.get("student_init") or init.get("init_from") or from_folder)
 
 
 def check_run_settings(sub: str | None, cfg) -> None:
@@ -606,7 +612,13 @@ def check_checkpoint_fits(ckpt: dict, path, model) -> None:
     key = {"lm": "model", "distill": "student"}.get(kind)
     if not isinstance(stored, dict) or key is None or init.get(key) is None:
         return
-    diff = architecture_differences(_plain(init[key]), stored)
+    asked = _plain(init[key])
+    if isinstance(asked, dict) and (asked.get("hf_path") or asked.get("upcycle")):
+        from pikv_train.models.build import resolve_config
+        from pikv_train.models.config import ModelConfig
+
+        asked = resolve_config(ModelConfig.from_dict(asked)).to_dict()  # the architecture the run will build
+    diff = architecture_differences(asked, stored)
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise ConfigError(
@@ -773,15 +785,10 @@ def _use_teacher_tokenizer(cfg) -> None:
     hf_path = teacher.get("hf_path") if teacher is not None else None
     if not hf_path:
         return
-    if not Path(str(hf_path)).expanduser().is_dir():
-        raise MissingFileError(
-            f"model.init_args.teacher.hf_path: Hugging Face model folder not found: {str(hf_path)!r}; set it to a "
-            "local folder written by save_pretrained (config.json, the weights and the tokenizer)"
-        )
-    if cfg.data.tokenizer == "byte":
-        cfg.data.tokenizer = hf_path
-        rank_zero_info(f"data.tokenizer: using the teacher's tokenizer ({hf_path})")
+    _take_folder_tokenizer(cfg, "teacher", hf_path)
     student = init.get("student")
+    if student is not None and student.get("hf_path"):
+        return  # a student from a Hugging Face folder has that model's vocabulary (see _use_model_tokenizer)
     if student is not None and student.vocab_size == 258 and cfg.data.tokenizer == hf_path:
         from pikv_train.data.tokenizer import build_tokenizer
 
@@ -794,6 +801,35 @@ def _use_teacher_tokenizer(cfg) -> None:
                 f"student.vocab_size 258 (the byte tokenizer's size) cannot hold the teacher tokenizer's {size} "
                 f"tokens: using {size}; set model.init_args.student.vocab_size to choose another size"
             )
+
+
+def _use_model_tokenizer(cfg) -> None:
+    """A trained model started from a Hugging Face folder (``student.hf_path``, or the language-model task's
+    ``model.hf_path``) brings its tokenizer, as a Hugging Face teacher does: unless data.tokenizer is given, the
+    data use the folder's; the model's vocabulary is the folder's (config.json, see pikv_train.hf.load).
+    Idempotent; runs before :func:`_use_teacher_tokenizer`, so with both the student's tokenizer wins."""
+    init = cfg.get("model", {}).get("init_args") if cfg.get("model") is not None else None
+    if init is None:
+        return
+    for name in ("student", "model"):
+        node = init.get(name)
+        hf_path = node.get("hf_path") if node is not None and hasattr(node, "get") else None
+        if not hf_path:
+            continue
+        _take_folder_tokenizer(cfg, name, hf_path)
+        return
+
+
+def _take_folder_tokenizer(cfg, name: str, hf_path) -> None:
+    """``model.init_args.<name>.hf_path`` must be a folder; unless data.tokenizer is set, the data use its tokenizer."""
+    if not Path(str(hf_path)).expanduser().is_dir():
+        raise MissingFileError(
+            f"model.init_args.{name}.hf_path: Hugging Face model folder not found: {str(hf_path)!r}; set it to a "
+            "local folder written by save_pretrained (config.json, the weights and the tokenizer)"
+        )
+    if cfg.data.tokenizer == "byte":
+        cfg.data.tokenizer = hf_path
+        rank_zero_info(f"data.tokenizer: using the {name}'s tokenizer ({hf_path})")
 
 
 class _HeldOutput:

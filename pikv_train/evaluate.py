@@ -21,10 +21,15 @@ def load_decoder(path: str | Path | dict) -> Decoder:
     """The trained decoder (teacher, or student) stored in a pikv_train checkpoint (its path, or the checkpoint
     dict :func:`~pikv_train.tasks.teacher.read_checkpoint` returned), in eval mode."""
     ckpt = path if isinstance(path, dict) else read_checkpoint(path)
-    cfg = ModelConfig.from_dict(ckpt["pikv_model_config"])
+    from dataclasses import replace
+
+    from pikv_train.models.build import plain_state
+
+    # LoRA adapters come back merged into the weights: the decoder is a plain one of the same architecture.
+    cfg = replace(ModelConfig.from_dict(ckpt["pikv_model_config"]), lora=None)
     prefix = "model." if ckpt.get("pikv_task") == "lm" else "student."
     model = Decoder(cfg)
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = plain_state(ckpt, prefix)
     # Learned hook parameters (DuoAttention gates) belong to the cache policy, not the architecture: callers
     # attach a policy and load them with load_hook_state() when they want them.
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(("cache_policy.", "kv_sharding."))})

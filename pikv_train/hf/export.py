@@ -38,6 +38,9 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "
 def hf_architecture(cfg) -> str:
     """The transformers family our ModelConfig ``cfg`` maps onto exactly: ``llama``, ``mixtral`` or ``qwen2_moe``;
     a one-line ConfigError naming what can be exported when there is none."""
+    if getattr(cfg, "qkv_bias", False):  # a student initialised from a Qwen2 folder (student.hf_path)
+        raise ConfigError(f"cannot export this student: q/k/v biases (qkv_bias, from a Qwen2 base) are not mapped yet; "
+                          f"exportable: {EXPORTABLE}")
     if cfg.moe is None:
         return "llama"
     r, moe = cfg.moe.router, cfg.moe
@@ -80,7 +83,14 @@ def hf_config(cfg):
 @torch.no_grad()
 def hf_state_dict(model) -> dict:
     """Our decoder's weights under the Hugging Face names of :func:`hf_config`'s architecture (Qwen2-MoE: with the
-    shared expert as :func:`_qwen2_shared_expert` maps it)."""
+    shared expert as :func:`_qwen2_shared_expert` maps it). LoRA adapters are merged into the weights."""
+    from pikv_train.models.lora import has_lora, merge_lora
+
+    if has_lora(model):  # on a copy: the caller's model keeps training its adapters
+        import copy
+
+        model = copy.deepcopy(model)
+        merge_lora(model)
     cfg = model.cfg
     arch = hf_architecture(cfg)
     kv = cfg.n_kv_head * cfg.head_dim

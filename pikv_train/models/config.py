@@ -11,6 +11,7 @@ from pikv_train.errors import ConfigError, bad_value, check_range
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from pikv_train.models.lora import LoRAConfig
+from pikv_train.models.upcycle import UpcycleConfig
 from pikv_train.routing.base import RouterConfig
 
 
@@ -57,8 +58,18 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = True
     """Share the token embedding with the LM head."""
+    qkv_bias: bool = False
+    """Give the query and key/value projections a bias (Qwen2's attention; the output projection never has one)."""
     moe: MoEConfig | None = None
     """MoE FFN settings; None gives a dense decoder (teachers)."""
+    hf_path: str | None = None
+    """Start from a Hugging Face causal LM in this local folder (Llama, Mistral or Qwen2: dense, RMSNorm, RoPE,
+    GQA, SwiGLU): the architecture fields above come from its config.json (leave them unset) and the weights from
+    its safetensors; the data use its tokenizer unless data.tokenizer is given. Checkpoints store the resolved
+    architecture (hf_path null), so they reload without the folder."""
+    upcycle: UpcycleConfig | None = None
+    """Sparse upcycling: turn the pretrained dense FFN of every layer (from hf_path or init_from / student_init)
+    into an MoE of copies of it with a fresh router; moe must then be unset (the resolved config has it)."""
     lora: LoRAConfig | None = None
     """LoRA / LoRA+ adapters (students from pretrained weights: student_init or hf_path): the base weights freeze and
     low-rank updates of the chosen projections train; None trains every weight."""
@@ -78,6 +89,13 @@ class ModelConfig:
         if (self.d_model // self.n_head) % 2:
             raise bad_value(f"{k}.d_model", self.d_model, f"head dim d_model/n_head={self.d_model // self.n_head} must be even "
                             "for RoPE", f"change {k}.d_model or {k}.n_head so that d_model/n_head is even")
+        if isinstance(self.upcycle, dict):
+            self.upcycle = UpcycleConfig.from_dict(self.upcycle)
+        if self.upcycle is not None:
+            self.upcycle.validate()
+            if self.moe is not None and self.hf_path is None:
+                raise ConfigError(f"{k}.upcycle builds the MoE from the dense FFN, but {k}.moe is set too; set {k}.moe: "
+                                  "null (the dense architecture of the init_from / student_init checkpoint)")
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**self.lora)
         if self.lora is not None:

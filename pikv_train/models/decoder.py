@@ -103,6 +103,8 @@ class Decoder(nn.Module):
     def _init(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:  # qkv_bias: start as the bias-free projection
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 

@@ -164,3 +164,14 @@ def lora_b_params(model: nn.Module) -> list[nn.Parameter]:
 
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def check_with_cache(lora: LoRAConfig | None, compressor_name: str, qkv_bias: bool = False) -> None:
+    """The low-rank KV compressors compute keys/values from their own factors of ``kv_proj``'s weight, so an adapter
+    on ``kv_proj`` would train without ever reaching the keys: refused in one line."""
+    if lora is not None and "kv_proj" in lora.target_names() and compressor_name in ("svd", "lora", "lora_plus"):
+        raise ConfigError(f"student.lora adapts kv_proj, but cache.compressor {compressor_name} reads keys/values "
+                          "through its own factors of that weight; drop kv_proj from student.lora.targets")
+    if qkv_bias and compressor_name in ("svd", "lora", "lora_plus"):
+        raise ConfigError(f"cache.compressor {compressor_name} factors kv_proj's weight without its bias (qkv_bias, a "
+                          "Qwen2 base); use another compressor (quantized, pyramid, pruning)")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from pikv_train.errors import NonFiniteError, bad_value, check_range, warn_once
+from pikv_train.errors import ConfigError, NonFiniteError, bad_value, check_range, warn_once
 from pikv_train.models.decoder import Decoder, DecoderOutput
 
 
@@ -61,6 +61,8 @@ HOOK_GROUP = "pikv_hook_params"
 its value is the group's role: ``gates`` (DuoAttention), ``compressor_down`` and ``compressor_up`` (the low-rank
 KV compressors' factors; LoRA+ trains the up-projections at a multiple of the learning rate)."""
 HOOK_ROLES = ("gates", "compressor_down", "compressor_up")
+LORA_GROUP = "pikv_lora"
+"""Key marking the optimizer group of the LoRA adapters' B factors (LoRA+: ``lora_plus_ratio`` x the learning rate)."""
 
 
 def upgrade_optimizer_state(checkpoint: dict, n_hook_params: int) -> None:
@@ -101,17 +103,25 @@ def hook_param_groups(module: torch.nn.Module) -> dict[str, list]:
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     """AdamW over ``module``'s trainable parameters with the warm-up + cosine schedule."""
+    from pikv_train.models.lora import lora_b_params
+
     hook = hook_param_groups(module)
     hook_ids = {id(p) for ps in hook.values() for p in ps}
+    lora_b = lora_b_params(module)  # LoRA+: the adapters' B factors in their own group
+    b_ids = {id(p) for p in lora_b}
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        if p.requires_grad and id(p) not in hook_ids and not name.startswith(("cache_policy.", "kv_sharding.")):
+        if (p.requires_grad and id(p) not in hook_ids | b_ids
+                and not name.startswith(("cache_policy.", "kv_sharding."))):
             # Matrices decay; vectors do not (nor the hooks' gates and compressor factors, below).
             (decay if p.ndim >= 2 else no_decay).append(p)
-    # Always five groups, the hook parameters last (possibly none): CachePolicySwitch swaps those groups'
-    # parameters mid-run, so a resumed run rebuilds exactly the saved layout.
+    # Always five groups (six with LoRA adapters: B third), the hook parameters last (possibly none):
+    # CachePolicySwitch swaps those groups' parameters mid-run, so a resumed run rebuilds exactly the saved layout.
     ratio = getattr(compressor_of(module), "lr_ratio", 1.0)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lora_b:
+        plus = module.cfg.lora.lora_plus_ratio if getattr(module.cfg, "lora", None) is not None else 1.0
+        groups.append({"params": lora_b, "weight_decay": cfg.weight_decay, "lr": cfg.lr * plus, LORA_GROUP: "B"})
     groups += [{"params": hook[role], "weight_decay": 0.0, HOOK_GROUP: role,
                 **({"lr": cfg.lr * ratio} if role == "compressor_up" else {})} for role in HOOK_ROLES]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -168,6 +178,7 @@ class TaskBase(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._thin_lora_checkpoint(checkpoint)
         # The cache policy active now (it may differ from the configured one after CachePolicySwitch).
         policy = self.student_model.cache_policy
         checkpoint["pikv_cache_policy"] = None if policy is None else asdict(policy.cfg)
@@ -184,6 +195,32 @@ class TaskBase(L.LightningModule):
                 if name.endswith("attn.kv_proj.weight") and key in sd:
                     sd[key] = t.detach().clone()
 
+    def _thin_lora_checkpoint(self, checkpoint: dict) -> None:
+        """A LoRA run's checkpoint: the trainable parameters plus a reference to the base, or merged weights
+        (``lora.save_merged``); ``checkpoint["pikv_lora"]`` says which (see :func:`~pikv_train.models.build.plain_state`)."""
+        from pikv_train.models.build import lora_checkpoint_state
+        from pikv_train.models.lora import has_lora
+
+        model = self.student_model
+        sd = checkpoint.get("state_dict")
+        if sd is None or getattr(model.cfg, "lora", None) is None or not has_lora(model):
+            return
+        prefix = next(n for n, m in self.named_modules() if m is model) + "."
+        checkpoint["pikv_lora"] = lora_checkpoint_state(model, sd, prefix)
+
+    def _check_lora_resume(self, checkpoint: dict, fitting: bool) -> None:
+        info = checkpoint.get("pikv_lora")
+        model = self.student_model
+        if not info:
+            return
+        if info.get("merged") and fitting:  # evaluating merged weights works: fresh adapters add exactly 0
+            raise ConfigError("this checkpoint holds merged LoRA weights (lora.save_merged true), not the adapters; "
+                              "start a new run from it with student_init, or resume from one written with save_merged false")
+        mine = getattr(model, "lora_base", None)
+        if mine is not None and info.get("base") != mine:
+            raise ConfigError(f"the checkpoint's LoRA base {info.get('base')} differs from this run's {mine}; resume "
+                              "with the same student_init / hf_path")
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming a fit (or ``load_from_checkpoint``): re-attach the policy the run was using (it may
         come from CachePolicySwitch), before the weights load and before configure_optimizers, so its
@@ -194,6 +231,7 @@ class TaskBase(L.LightningModule):
         from lightning.pytorch.trainer.states import TrainerFn
 
         model = self.student_model
+        self._check_lora_resume(checkpoint, self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING)
         current = None if model.cache_policy is None else asdict(model.cache_policy.cfg)
         saved = checkpoint.get("pikv_cache_policy", current)
         restore = self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING

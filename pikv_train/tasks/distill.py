@@ -29,6 +29,7 @@ from pikv_train.distill.term import DistillLoss, DistillLossConfig
 from pikv_train.errors import ConfigError
 from pikv_train.models.config import ModelConfig
 from pikv_train.models.build import build_decoder
+from pikv_train.models.lora import check_with_cache
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
 from pikv_train.tasks.checks import check_cache_budget, check_positions, check_vocab
@@ -105,7 +106,9 @@ class DistillationTask(TaskBase):
         self.student = build_decoder(as_config(ModelConfig, student), student_init)
         self.student.activation_checkpointing = activation_checkpointing
         self.student.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.student.cfg))
-        self.student.set_cache_policy(build_policy(as_config(CacheConfig, cache), self.student.cfg))
+        cache_cfg = as_config(CacheConfig, cache)
+        check_with_cache(self.student.cfg.lora, getattr(cache_cfg.compressor, "name", "none"), self.student.cfg.qkv_bias)
+        self.student.set_cache_policy(build_policy(cache_cfg, self.student.cfg))
         self.teacher = None
         self.shared_vocab: int | None = None  # set for Hugging Face teachers with padded LM heads
         self.distill_loss: DistillLoss | None = None

@@ -11,6 +11,7 @@ from pikv_train.cache.sharding import ShardingConfig, build_sharding
 from pikv_train.distill import chunked_cross_entropy
 from pikv_train.models.config import ModelConfig
 from pikv_train.models.build import build_decoder
+from pikv_train.models.lora import check_with_cache
 from pikv_train.models.decoder import Decoder
 from pikv_train.tasks.base import OptimConfig, TaskBase, as_config, build_optimizer, total_training_steps
 from pikv_train.tasks.checks import check_cache_budget, check_positions, check_vocab
@@ -48,8 +49,12 @@ class LanguageModelTask(TaskBase):
         self.nonfinite = nonfinite
         self.model = build_decoder(as_config(ModelConfig, model), init_from)
         self.model.activation_checkpointing = activation_checkpointing
+        # A LoRA checkpoint holds the trainable parameters only (the base comes from init_from / hf_path).
+        self.strict_loading = self.model.cfg.lora is None
         self.model.set_kv_sharding(build_sharding(as_config(ShardingConfig, kv_sharding), self.model.cfg))
-        self.model.set_cache_policy(build_policy(as_config(CacheConfig, cache), self.model.cfg))
+        cache_cfg = as_config(CacheConfig, cache)
+        check_with_cache(self.model.cfg.lora, getattr(cache_cfg.compressor, "name", "none"), self.model.cfg.qkv_bias)
+        self.model.set_cache_policy(build_policy(cache_cfg, self.model.cfg))
         self.optim_cfg = as_config(OptimConfig, optim)
         self.chunk_size = chunk_size
 

@@ -19,7 +19,10 @@ def _safe_globals() -> list:
     from pikv_train.cache.config import CacheConfig
     from pikv_train.cache.sharding import ShardingConfig
 
-    extra = [ModelConfig, MoEConfig, RouterConfig, OptimConfig, CacheConfig, CompressorConfig, ShardingConfig]
+    from pikv_train.models.lora import LoRAConfig
+
+    extra = [ModelConfig, MoEConfig, RouterConfig, OptimConfig, CacheConfig, CompressorConfig, ShardingConfig,
+             LoRAConfig]
     try:
         from pikv_train.tasks.distill import DistillLossConfig
         from pikv_train.tasks.teacher import TeacherConfig

@@ -106,9 +106,13 @@ def load_teacher(cfg: TeacherConfig):
             f"{cfg.checkpoint!r} is not a pikv_train LanguageModelTask checkpoint (no model config inside); "
             "use a checkpoint written by recipes/teacher.yaml"
         )
-    mcfg = ModelConfig.from_dict(ckpt["pikv_model_config"])
+    from dataclasses import replace
+
+    from pikv_train.models.build import plain_state
+
+    mcfg = replace(ModelConfig.from_dict(ckpt["pikv_model_config"]), lora=None)  # adapters come merged
     model = Decoder(mcfg)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = plain_state(ckpt, "model.")
     state = {k: v for k, v in state.items() if not k.startswith(_HOOK_PREFIXES)}  # teachers attend fully
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -127,7 +131,9 @@ def init_student_from(student: Decoder, path: str) -> None:
     prefix = {"lm": "model.", "distill": "student."}.get(ckpt.get("pikv_task"))
     if prefix is None:
         raise ConfigError(f"{path!r} is not a pikv_train checkpoint; student_init needs one written by pikv_train")
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    from pikv_train.models.build import plain_state
+
+    state = plain_state(ckpt, prefix)  # a LoRA checkpoint's adapters merged into its base
     state = {k: v for k, v in state.items() if not k.startswith(_HOOK_PREFIXES)}
     try:
         student.load_state_dict(state, strict=True)

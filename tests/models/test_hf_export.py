@@ -88,3 +88,9 @@ def test_saved_folder_loads_with_plain_transformers_and_gives_the_same_logits(ca
     x = torch.randint(0, 258, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert_close_rel(hf(input_ids=x).logits, model.logits(model(x).hidden), 1e-5)
+
+
+def test_students_with_qkv_biases_are_refused_until_mapped():
+    cfg = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=16, qkv_bias=True)
+    with pytest.raises(ConfigError, match="q/k/v biases"):
+        to_hf(Decoder(cfg))
