@@ -84,7 +84,12 @@ def main() -> None:
     torch.manual_seed(0)
     rows = [("transformers DynamicCache (full)", run(model, tok, None, args.new_tokens))]
     model.set_attn_implementation("pikv")
-    trained = PiKVCache.from_pretrained(args.out)
+    from pikv_train.errors import UserError
+
+    try:
+        trained = PiKVCache.from_pretrained(args.out)
+    except UserError as e:  # e.g. a student trained with expert-sharded KV
+        sys.exit(f"error: {e}")
     rows.append((f"PiKVCache as trained: {trained.cache_cfg.policy}, budget {trained.cache_cfg.budget}",
                  run(model, tok, trained, args.new_tokens)))
     extra = {} if args.reference_len is None else {"reference_len": args.reference_len}

@@ -78,11 +78,13 @@ def pikv_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
         _warned_window.add(type(module).__name__)
         warnings.warn(f"attn_implementation='pikv' ignores the model's sliding_window={window}: the cache policy "
                       "decides what each query reads", stacklevel=2)
+    for name in ("softcap", "s_aux"):  # attention variants our attention does not implement (Gemma-2, sinks)
+        if kwargs.get(name) is not None:
+            raise ConfigError(f"attn_implementation='pikv' does not implement {name} (this model family's attention "
+                              "differs from plain softmax attention); use a Llama-, Mistral-, Qwen2- or Mixtral-style model")
     cache = kwargs.get("pikv_cache")
     position_ids = kwargs.get("position_ids")
     b, _, t, _ = query.shape
-    if position_ids is None:
-        position_ids = torch.arange(t, device=query.device)[None]
     if cache is not None:  # decoding (or a prefill) under a PiKVCache: key/value are the new tokens only
         y = cache.attend(module, query, key, value, attention_mask, position_ids)
     else:

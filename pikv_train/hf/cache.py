@@ -22,7 +22,6 @@ transformers cache sees and are refused; the others (``quantized``, ``pyramid``,
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,10 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from pikv_train.cache.config import CacheConfig, build_policy
-from pikv_train.errors import ConfigError, MissingFileError
-
-CACHE_FILE = "pikv_cache.json"
-CACHE_FORMAT = "pikv_cache/1"
+from pikv_train.errors import ConfigError
 NOT_FROM_KV = {
     "svd": "stores latents of the layer input",
     "lora": "stores latents of the layer input",
@@ -100,6 +96,7 @@ class PiKVLayer(CacheLayerMixin):
         super().__init__()
         self.owner, self.layer_idx = owner, layer_idx
         self.seen = 0  # tokens (padding included) this layer has processed
+        self.real_seen: Tensor | None = None  # (B,) real tokens per row: our caches' next position
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.is_initialized = True
@@ -118,7 +115,7 @@ class PiKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.seen = 0
+        self.seen, self.real_seen = 0, None
 
     def reorder_cache(self, beam_idx) -> None:
         raise ConfigError("PiKVCache does not support beam search (its evictions are per sequence); use num_beams=1")
@@ -162,18 +159,14 @@ class PiKVCache(Cache):
         and ``pikv_cache.safetensors`` for learned policy parameters)."""
         from transformers import AutoConfig
 
+        from pikv_train.hf.cache_file import read_cache_config
+
         path = Path(path)
-        f = path / CACHE_FILE
-        if not f.is_file():
-            raise MissingFileError(f"{f} not found; export the student with `python -m pikv_train export`, or build "
-                                   "the cache by hand: PiKVCache(policy=..., budget=...)")
-        spec = json.loads(f.read_text())
-        if spec.get("format") != CACHE_FORMAT:
-            raise ConfigError(f"{f} has format {spec.get('format')!r}, expected {CACHE_FORMAT!r}; re-export the "
-                              "student with this version of pikv_train")
+        spec = read_cache_config(path)  # one-line errors: missing / damaged file, unknown format, missing state file
         if spec.get("sharding"):
-            raise ConfigError(f"{f}: the student reads its KV through expert shards, which needs pikv_train's own "
-                              "routers; serve it with pikv_train's generate(), or export a student trained unsharded")
+            raise ConfigError(f"{path}/pikv_cache.json: the student reads its KV through expert shards, which needs "
+                              "pikv_train's own routers; serve it with pikv_train's generate(), or export a student "
+                              "trained unsharded")
         state = None
         if spec.get("state"):
             from safetensors.torch import load_file
@@ -195,11 +188,19 @@ class PiKVCache(Cache):
             self.inner = KVCache(shapes.n_layer)
             return
         self.policy.bind(shapes)
+        learned = [n for n, p in self.policy.named_parameters()]
         if self.state:
             missing, unexpected = self.policy.load_state_dict(self.state, strict=False)
-            if unexpected:
-                raise ConfigError(f"PiKVCache: learned state {sorted(unexpected)[:3]} does not fit policy "
-                                  f"{self.cache_cfg.policy}; re-export the student")
+            missing = [n for n in missing if n in learned]  # parameters; buffers may keep their built values
+            if unexpected or missing:
+                raise ConfigError(f"PiKVCache: the learned state (unexpected {sorted(unexpected)[:3]}, missing "
+                                  f"{missing[:3]}) does not fit policy {self.cache_cfg.policy}; re-export the student")
+        elif learned:
+            import warnings
+
+            warnings.warn(f"PiKVCache: policy {self.cache_cfg.policy} has learned parameters ({learned[0]}, ...) but no "
+                          "state was given, so they keep their initial values; build it with PiKVCache.from_pretrained "
+                          "(pikv_cache.safetensors) or pass state=", stacklevel=3)
         self.policy.eval()
         self.inner = self.policy.new_cache(shapes.n_layer)
 
@@ -238,8 +239,7 @@ class PiKVCache(Cache):
         self._pending = None
         self.build(module.config)
         b, _, t, _ = q.shape
-        pos = position_ids.expand(b, t).long()
-        q_pos = pos if real is None else torch.where(real, pos, torch.full_like(pos, -1))
+        q_pos, counted = self._positions(layer, real, position_ids, b, t)
         group = q.shape[1] // k.shape[1]
         comp = getattr(self.policy, "compressor", None)
         codes = None
@@ -255,7 +255,33 @@ class PiKVCache(Cache):
         else:
             y = run(0, t)
         self.layers[layer].seen += t
+        self.layers[layer].real_seen = counted
         return y
+
+    def _positions(self, layer: int, real: Tensor | None, position_ids: Tensor | None, b: int, t: int) -> tuple:
+        """(B, Tq) positions of the new tokens as our caches count them (each row's real tokens 0, 1, ...; -1 on
+        padding), whatever positions the caller fed RoPE (a hand-written loop without position_ids starts padded
+        rows above 0: relative positions, hence attention, are the same), and the per-row count after them."""
+        import torch
+
+        if real is None:
+            real = torch.ones(b, t, dtype=torch.bool, device=self.device_of(position_ids))
+        count = self.layers[layer].real_seen
+        if count is None:
+            count = torch.zeros(b, dtype=torch.long, device=real.device)
+        if count.shape[0] != b:
+            raise ConfigError(f"PiKVCache holds {count.shape[0]} sequences, this call has {b}; use a fresh PiKVCache "
+                              "per generate() call")
+        ours = count[:, None] + real.long().cumsum(1) - 1
+        if position_ids is not None and bool(((position_ids.expand(b, t) < ours) & real).any()):
+            raise ConfigError("PiKVCache: these tokens' positions are already in the cache (a used cache passed to a new "
+                              "generate(), or use_cache=False re-feeding the sequence); use a fresh PiKVCache per "
+                              "generate() call, with use_cache=True")
+        return torch.where(real, ours, torch.full_like(ours, -1)), count + real.sum(1)
+
+    @staticmethod
+    def device_of(t: Tensor | None):
+        return None if t is None else t.device
 
     def bytes_stored(self) -> int:
         """Bytes of every tensor the cache holds (keys/values or their codes, positions, policy state)."""

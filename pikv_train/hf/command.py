@@ -130,7 +130,7 @@ def export_checkpoint(ckpt_path, out_dir, *, force: bool = False, tokenizer: str
     out.mkdir(parents=True, exist_ok=True)
     before = _stamps(out)  # with --force, the files we write are told apart from what the folder held
     transformers.utils.logging.disable_progress_bar()
-    hf = save_folder(model, out, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    hf = save_folder(model, out, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, real_vocab=len(tok))
     write_tokenizer(tok, out)
     spec_json = write_cache_config(out, cache, hp.get("kv_sharding"), state or None)
     run_dir = run_folder(ckpt_path)

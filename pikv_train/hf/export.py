@@ -150,7 +150,8 @@ def to_hf(model):
     return hf.eval()
 
 
-def save_folder(model, out_dir, *, eos_token_id: int | None = None, pad_token_id: int | None = None):
+def save_folder(model, out_dir, *, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                real_vocab: int | None = None):
     """Write ``model`` (our decoder) as a Hugging Face folder: ``config.json`` and ``model.safetensors`` (through
     ``save_pretrained``), and ``generation_config.json`` (greedy decoding, stopping at ``eos_token_id``); ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it without remote code.
     The tokenizer, model card and cache settings come from ``python -m pikv_train export``
@@ -163,7 +164,9 @@ def save_folder(model, out_dir, *, eos_token_id: int | None = None, pad_token_id
     # Greedy by default: a student distilled to match its teacher's argmax is best read without sampling. No
     # max_length: transformers warns on every generate(max_new_tokens=...) when both are set; the longest sequence
     # the student was built for is config.max_position_embeddings.
+    # LM-head rows past the tokenizer's ``real_vocab`` ids are padding (never trained, never sampled by pikv_train).
+    padded = list(range(real_vocab, model.cfg.vocab_size)) if real_vocab and real_vocab < model.cfg.vocab_size else None
     hf.generation_config = GenerationConfig(do_sample=False, num_beams=1, eos_token_id=eos_token_id,
-                                            pad_token_id=pad_token_id)
+                                            pad_token_id=pad_token_id, suppress_tokens=padded)
     hf.save_pretrained(str(out_dir), safe_serialization=True)
     return hf

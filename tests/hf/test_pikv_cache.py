@@ -150,3 +150,36 @@ def test_misuse_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="beam search"):
         hf.generate(input_ids=ids, attention_mask=(pos >= 0).long(), cache=PiKVCache(**CASES["h2o"]), num_beams=2,
                     max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+
+
+def test_a_hand_written_loop_without_position_ids_decodes_as_generate_does():
+    # transformers then gives padded rows RoPE positions above 0; our caches count each row's real tokens instead
+    # (Quest's pages would otherwise be misaligned), and relative positions, hence attention, are unchanged.
+    settings = CASES["quest"]
+    model = _student()
+    hf = to_hf(model)
+    hf.set_attn_implementation("pikv")
+    toks, _ = _theirs(hf, _prompts(), 6, PiKVCache(**settings))
+    ids, pos = left_pad(_prompts(), PAD)
+    mask, cache, out = (pos >= 0).long(), PiKVCache(**settings), []
+    with torch.no_grad():
+        logits = hf(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+        for _ in range(6):
+            out.append(logits.argmax(-1))
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits = hf(input_ids=out[-1][:, None], attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+    assert torch.equal(torch.stack(out, 1), toks)
+
+
+def test_a_used_cache_or_use_cache_false_is_refused_rather_than_corrupted():
+    model = _student()
+    hf = to_hf(model)
+    hf.set_attn_implementation("pikv")
+    cache = PiKVCache(**CASES["h2o"])
+    _theirs(hf, _prompts(), 3, cache)
+    with pytest.raises(ConfigError, match="fresh PiKVCache per generate"):
+        _theirs(hf, _prompts(), 3, cache)
+    ids, pos = left_pad(_prompts(), PAD)
+    with pytest.raises(ConfigError, match="use_cache=True"):
+        hf.generate(input_ids=ids, attention_mask=(pos >= 0).long(), cache=PiKVCache(**CASES["h2o"]), use_cache=False,
+                    max_new_tokens=3, do_sample=False, pad_token_id=PAD)
