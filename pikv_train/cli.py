@@ -1006,6 +1006,9 @@ def main(args: list[str] | None = None) -> PiKVCLI | None:
     # The frozen teacher is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] in (["-h"], ["--help"]):  # LightningCLI's help lists its own subcommands only
+        print("python -m pikv_train export --ckpt CKPT --out DIR: a checkpoint as a Hugging Face folder "
+              "(python -m pikv_train export --help)\n")
     if argv[:1] == ["export"]:  # not a Lightning subcommand: a checkpoint to a Hugging Face folder
         from pikv_train.hf.command import main as export_main
 

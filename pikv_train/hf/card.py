@@ -158,7 +158,8 @@ def model_card(*, name: str, folder: str, arch_class: str, cfg, n_params: int, t
         cache / sharding / state: the contents of ``pikv_cache.json``; figures: :func:`validation_figures`, found in
             the run folder ``run_dir``.
     """
-    tags = ["pikv_train", "distillation", "kv-cache"] + (["mixture-of-experts"] if cfg.moe is not None else [])
+    tags = ["pikv_train"] + (["distillation"] if task == "distill" else []) + ["kv-cache"]
+    tags += ["mixture-of-experts"] if cfg.moe is not None else []
     front = yaml.safe_dump({"library_name": "transformers", "pipeline_tag": "text-generation",
                             "tags": tags + [arch_class.replace("ForCausalLM", "").lower()]}, sort_keys=False)
     kind = "student distilled" if task == "distill" else "language model trained"
@@ -168,9 +169,11 @@ def model_card(*, name: str, folder: str, arch_class: str, cfg, n_params: int, t
            "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
            f"tok = AutoTokenizer.from_pretrained(\"{folder}\")",
            f"model = AutoModelForCausalLM.from_pretrained(\"{folder}\")",
-           "ids = tok(\"The\", return_tensors=\"pt\").input_ids",
-           "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))", "```", "",
-           "Plain transformers decodes with a full KV cache; the cache the model was trained under is below.", "",
+           "batch = tok([\"The\"], return_tensors=\"pt\", add_special_tokens=False)  # trained without BOS",
+           "print(tok.decode(model.generate(**batch, max_new_tokens=40)[0]))", "```", "",
+           "Plain transformers decodes with a full KV cache. To decode with the cache the model was trained under "
+           "(below): `import pikv_train.hf`, load with `attn_implementation=\"pikv\"` and pass "
+           f"`cache=pikv_train.hf.PiKVCache.from_pretrained(\"{folder}\")` to `generate`.", "",
            "## Architecture", ""]
     out += [f"- {ln}" for ln in architecture_lines(arch_class, cfg, n_params)]
     out += ["", "## Teacher", "", describe_teacher(task, hp), "", "## Data", ""]

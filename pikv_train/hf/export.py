@@ -1,10 +1,10 @@
 """Export a student to a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads without remote code
 (SPEC §8). Every mapping is exact, so the exported model's logits equal the student's:
 
-* dense students -> Llama;
+* dense students -> Llama (with q/k/v biases, ``qkv_bias`` from a Qwen2 base: Qwen2);
 * MoE students with softmax top-k routing (router ``base`` or ``topk_balanced``, dropless), renormalised weights
   and no shared expert -> Mixtral;
-* the same routing with a shared expert, or with raw (un-renormalised) weights -> Qwen2-MoE.
+* the same routing with a shared expert, with raw (un-renormalised) weights, or with q/k/v biases -> Qwen2-MoE.
 
 Why these: our decoder is pre-norm RMSNorm, half-split RoPE on q/k, grouped-query attention without biases or q/k
 norms, SwiGLU feed-forwards, an optional tied LM head; Llama is exactly that. Our MoE layer with the ``base`` or
@@ -29,20 +29,19 @@ from pikv_train.errors import ConfigError
 from pikv_train.hf.cache_file import read_cache_config  # noqa: F401  (re-exported: the folder's cache settings)
 
 EXPORTABLE_ROUTERS = ("base", "topk_balanced")
-EXPORTABLE = ("dense students (Llama); MoE students with router base or topk_balanced and no capacity_factor: "
-              "Mixtral without a shared expert and with normalize_weights true, Qwen2-MoE with a shared expert or "
-              "normalize_weights false")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+EXPORTABLE = ("dense students (Llama), with qkv_bias (Qwen2); MoE students with router base or topk_balanced and no capacity_factor: "
+              "Mixtral without a shared expert and with normalize_weights true, Qwen2-MoE with a shared expert, "
+              "normalize_weights false or qkv_bias")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def hf_architecture(cfg) -> str:
     """The transformers family our ModelConfig ``cfg`` maps onto exactly: ``llama``, ``mixtral`` or ``qwen2_moe``;
     a one-line ConfigError naming what can be exported when there is none."""
-    if getattr(cfg, "qkv_bias", False):  # a student initialised from a Qwen2 folder (student.hf_path)
-        raise ConfigError(f"cannot export this student: q/k/v biases (qkv_bias, from a Qwen2 base) are not mapped yet; "
-                          f"exportable: {EXPORTABLE}")
+    bias = getattr(cfg, "qkv_bias", False)  # a student initialised from a Qwen2 folder (student.hf_path)
     if cfg.moe is None:
-        return "llama"
+        return "qwen2" if bias else "llama"
     r, moe = cfg.moe.router, cfg.moe
     why = None
     if r.name not in EXPORTABLE_ROUTERS:
@@ -51,7 +50,7 @@ def hf_architecture(cfg) -> str:
         why = "expert capacity (router.capacity_factor) drops assignments a dropless model keeps"
     if why:
         raise ConfigError(f"cannot export this student: {why}; exportable: {EXPORTABLE}")
-    return "mixtral" if r.normalize_weights and not moe.shared_expert else "qwen2_moe"
+    return "mixtral" if r.normalize_weights and not moe.shared_expert and not bias else "qwen2_moe"
 
 
 def hf_config(cfg):
@@ -66,6 +65,9 @@ def hf_config(cfg):
                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base})
     if arch == "llama":
         return transformers.LlamaConfig(intermediate_size=cfg.d_ff, attention_bias=False, mlp_bias=False, **common)
+    if arch == "qwen2":  # Llama's layout with q/k/v biases (always on in Qwen2), full attention in every layer
+        return transformers.Qwen2Config(intermediate_size=cfg.d_ff, use_sliding_window=False, sliding_window=None,
+                                        **common)
     moe, r = cfg.moe, cfg.moe.router
     if arch == "mixtral":
         # Full causal attention and deterministic routing, whatever a transformers version defaults to.
@@ -76,7 +78,8 @@ def hf_config(cfg):
     return transformers.Qwen2MoeConfig(
         intermediate_size=moe.d_expert, moe_intermediate_size=moe.d_expert, num_experts=moe.n_experts,
         num_experts_per_tok=r.top_k, norm_topk_prob=r.normalize_weights,
-        shared_expert_intermediate_size=moe.d_expert if moe.shared_expert else 1, qkv_bias=False,
+        shared_expert_intermediate_size=moe.d_expert if moe.shared_expert else 1,
+        qkv_bias=getattr(cfg, "qkv_bias", False),
         decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False, output_router_logits=False, **common)
 
 
@@ -106,6 +109,9 @@ def hf_state_dict(model) -> dict:
                     p + "self_attn.k_proj.weight": a.kv_proj.weight[:kv],  # kv_proj rows: keys, then values
                     p + "self_attn.v_proj.weight": a.kv_proj.weight[kv:],
                     p + "self_attn.o_proj.weight": a.o_proj.weight})
+        if a.q_proj.bias is not None:  # qkv_bias (Qwen2 / Qwen2-MoE)
+            out.update({p + "self_attn.q_proj.bias": a.q_proj.bias, p + "self_attn.k_proj.bias": a.kv_proj.bias[:kv],
+                        p + "self_attn.v_proj.bias": a.kv_proj.bias[kv:]})
         f = blk.ffn
         if cfg.moe is None:
             out.update({p + "mlp.gate_proj.weight": f.gate.weight, p + "mlp.up_proj.weight": f.up.weight,

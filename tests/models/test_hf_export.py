@@ -90,7 +90,27 @@ def test_saved_folder_loads_with_plain_transformers_and_gives_the_same_logits(ca
         assert_close_rel(hf(input_ids=x).logits, model.logits(model(x).hidden), 1e-5)
 
 
-def test_students_with_qkv_biases_are_refused_until_mapped():
-    cfg = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=16, qkv_bias=True)
-    with pytest.raises(ConfigError, match="q/k/v biases"):
-        to_hf(Decoder(cfg))
+@pytest.mark.parametrize("moe", [False, True])
+def test_students_with_qkv_biases_export_to_qwen2_families(moe, tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=40, max_seq_len=64, qkv_bias=True,
+                      moe=MoEConfig(n_experts=4, d_expert=24, router=RouterConfig(name="topk_balanced", top_k=2))
+                      if moe else None)
+    model = Decoder(cfg)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.q_proj.bias.normal_(0, 0.5)
+            blk.attn.kv_proj.bias.normal_(0, 0.5)
+    model.eval()
+    save_folder(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == ("Qwen2MoeForCausalLM" if moe else "Qwen2ForCausalLM")
+    ids = torch.randint(0, 258, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+        assert_close_rel(theirs[0], model.logits(model(ids[:1]).hidden)[0], 1e-5)
+        assert_close_rel(theirs[1, 4:], model.logits(model(ids[1:, 4:]).hidden)[0], 1e-5)
