@@ -552,7 +552,7 @@ def _flat(node, prefix: str = "") -> dict:
 # other field (router kernel and loss weights, capacity, max_seq_len, rope_base, ...) is behaviour: a resumed
 # run uses the command's value, listed in a warning (see setting_differences). d_ff counts for dense models
 # only; a router name counts when the two routers hold different parameters (checked by building them).
-_SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "tie_embeddings",
+_SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "tie_embeddings", "qkv_bias",
                  "moe.n_experts", "moe.d_expert", "moe.shared_expert")
 
 

@@ -51,6 +51,10 @@ class CachePolicySwitch(L.Callback):
         self._done = bool(state_dict.get("done", False))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from pikv_train.models.lora import check_with_cache
+
+        cfg = pl_module.student_model.cfg  # the switch must fit the model's adapters, as the task's cache must
+        check_with_cache(getattr(cfg, "lora", None), self.cache.compressor.name, getattr(cfg, "qkv_bias", False))
         if trainer.world_size > 1 and not self._done:
             probe = build_policy(self.cache, pl_module.student_model.cfg)
             if probe is not None and any(p.requires_grad for p in probe.parameters()):

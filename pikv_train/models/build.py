@@ -53,10 +53,35 @@ def build_decoder(cfg: ModelConfig, init_from: str | None = None) -> Decoder:
     if cfg.lora is not None:
         from pikv_train.models.lora import apply_lora
 
+        checksum = base_checksum(model)  # before the adapters: the frozen base only
         apply_lora(model, cfg.lora)
-        model.lora_base = {"init_from": str(init_from) if init_from else None,
-                           "hf_path": getattr(cfg, "hf_path", None)}
+        model.lora_base = {"init_from": _resolved(init_from), "hf_path": _resolved(hf_path), "checksum": checksum}
     return model
+
+
+def _resolved(path) -> str | None:
+    """An absolute path (a checkpoint's base reference must not depend on the working directory)."""
+    from pathlib import Path
+
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
+def base_checksum(model) -> float:
+    """A fingerprint of the weights (sum of |w| in float64): a LoRA checkpoint records its base's, so adapters are
+    never merged into a base that changed since training."""
+    import torch
+
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def same_base(a: dict | None, b: dict | None) -> bool:
+    """Whether two LoRA base references name the same paths and weights (checksums equal up to float64 rounding)."""
+    if a is None or b is None:
+        return a is b
+    ca, cb = a.get("checksum"), b.get("checksum")
+    paths = all(a.get(k) == b.get(k) for k in ("init_from", "hf_path"))
+    return paths and (ca is None or cb is None or abs(ca - cb) <= 1e-9 * max(abs(ca), 1.0))
 
 
 def _with_folder(cfg: ModelConfig) -> ModelConfig:
@@ -94,6 +119,11 @@ def plain_state(ckpt: dict, prefix: str) -> dict:
     if base.get("hf_path") and hasattr(cfg, "hf_path"):
         cfg = replace(cfg, hf_path=base["hf_path"])
     model = build_decoder(cfg, base.get("init_from"))  # the base, with fresh adapters
+    if not same_base({**base, "init_from": None, "hf_path": None},
+                     {**model.lora_base, "init_from": None, "hf_path": None}):
+        raise ConfigError(f"the base of this LoRA checkpoint ({base.get('init_from') or base.get('hf_path')}) has other "
+                          "weights than when the adapters were trained; restore that base, or use a checkpoint written "
+                          "with lora.save_merged true")
     hooks = {k: v for k, v in state.items() if k.startswith(HOOK_PREFIXES)}
     _, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in hooks}, strict=False)
     if unexpected:

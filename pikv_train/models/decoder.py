@@ -94,6 +94,10 @@ class Decoder(nn.Module):
         # Recompute each block's activations in the backward instead of storing them (training only).
         self.activation_checkpointing = False
         self.apply(self._init)
+        if cfg.qkv_bias:  # start as the bias-free projection (other Linear biases, e.g. a router head's, keep theirs)
+            for blk in self.blocks:
+                nn.init.zeros_(blk.attn.q_proj.bias)
+                nn.init.zeros_(blk.attn.kv_proj.bias)
         # GPT-2 style: scale residual output projections by depth so the residual stream starts small.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down.weight")):
@@ -103,8 +107,6 @@ class Decoder(nn.Module):
     def _init(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:  # qkv_bias: start as the bias-free projection
-                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 

@@ -167,11 +167,17 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def check_with_cache(lora: LoRAConfig | None, compressor_name: str, qkv_bias: bool = False) -> None:
-    """The low-rank KV compressors compute keys/values from their own factors of ``kv_proj``'s weight, so an adapter
-    on ``kv_proj`` would train without ever reaching the keys: refused in one line."""
+    """The low-rank KV compressors compute keys/values from their own factors of ``kv_proj``'s weight (an adapter on
+    ``kv_proj`` would train without reaching the keys) and fold them into it (a LoRA checkpoint keeps only adapters and
+    a base reference), and they ignore ``kv_proj``'s bias: refused with LoRA, and with ``qkv_bias``, in one line.
+    Called by the tasks and by CachePolicySwitch."""
     if lora is not None and "kv_proj" in lora.target_names() and compressor_name in ("svd", "lora", "lora_plus"):
         raise ConfigError(f"student.lora adapts kv_proj, but cache.compressor {compressor_name} reads keys/values "
                           "through its own factors of that weight; drop kv_proj from student.lora.targets")
+    if lora is not None and compressor_name in ("svd", "lora", "lora_plus"):
+        raise ConfigError(f"student.lora with cache.compressor {compressor_name}: the compressor trains low-rank factors "
+                          "of the frozen kv_proj and folds them into it, which a LoRA checkpoint (adapters + base "
+                          "reference) does not keep; use quantized, pyramid or pruning, or drop student.lora")
     if qkv_bias and compressor_name in ("svd", "lora", "lora_plus"):
         raise ConfigError(f"cache.compressor {compressor_name} factors kv_proj's weight without its bias (qkv_bias, a "
                           "Qwen2 base); use another compressor (quantized, pyramid, pruning)")

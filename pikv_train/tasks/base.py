@@ -178,7 +178,6 @@ class TaskBase(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._thin_lora_checkpoint(checkpoint)
         # The cache policy active now (it may differ from the configured one after CachePolicySwitch).
         policy = self.student_model.cache_policy
         checkpoint["pikv_cache_policy"] = None if policy is None else asdict(policy.cfg)
@@ -194,6 +193,8 @@ class TaskBase(L.LightningModule):
                 key = f"{prefix}.{name}"
                 if name.endswith("attn.kv_proj.weight") and key in sd:
                     sd[key] = t.detach().clone()
+        # Last: it replaces what the lines above wrote (a merged LoRA kv_proj holds base + adapter, not the base).
+        self._thin_lora_checkpoint(checkpoint)
 
     def _thin_lora_checkpoint(self, checkpoint: dict) -> None:
         """A LoRA run's checkpoint: the trainable parameters plus a reference to the base, or merged weights
@@ -209,15 +210,27 @@ class TaskBase(L.LightningModule):
         checkpoint["pikv_lora"] = lora_checkpoint_state(model, sd, prefix)
 
     def _check_lora_resume(self, checkpoint: dict, fitting: bool) -> None:
+        from pikv_train.models.lora import has_lora
+
         info = checkpoint.get("pikv_lora")
         model = self.student_model
         if not info:
             return
+        if not info.get("merged"):
+            saved = (checkpoint.get("pikv_model_config") or {}).get("lora")
+            mine = None if model.cfg.lora is None else asdict(model.cfg.lora)
+            if not has_lora(model) or (saved is not None and {k: v for k, v in saved.items() if k != "save_merged"}
+                                       != {k: v for k, v in mine.items() if k != "save_merged"}):
+                raise ConfigError(f"this checkpoint holds LoRA adapters ({saved}) and a reference to their base, but the "
+                                  f"model is configured with lora={mine}; configure the same lora (and its base), or "
+                                  "read the checkpoint with pikv_train.evaluate.load_decoder (adapters merged)")
         if info.get("merged") and fitting:  # evaluating merged weights works: fresh adapters add exactly 0
             raise ConfigError("this checkpoint holds merged LoRA weights (lora.save_merged true), not the adapters; "
                               "start a new run from it with student_init, or resume from one written with save_merged false")
+        from pikv_train.models.build import same_base
+
         mine = getattr(model, "lora_base", None)
-        if mine is not None and info.get("base") != mine:
+        if mine is not None and not info.get("merged") and not same_base(info.get("base"), mine):
             raise ConfigError(f"the checkpoint's LoRA base {info.get('base')} differs from this run's {mine}; resume "
                               "with the same student_init / hf_path")
 
@@ -231,7 +244,7 @@ class TaskBase(L.LightningModule):
         from lightning.pytorch.trainer.states import TrainerFn
 
         model = self.student_model
-        self._check_lora_resume(checkpoint, self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING)
+        self._check_lora_resume(checkpoint, self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING)
         current = None if model.cache_policy is None else asdict(model.cache_policy.cfg)
         saved = checkpoint.get("pikv_cache_policy", current)
         restore = self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING

@@ -134,6 +134,9 @@ class DistillationTask(TaskBase):
         if self.teacher_cfg.checkpoint is not None or self.teacher_cfg.hf_path is not None:
             raise ConfigError(f"{key}student_itself=true with a {key}checkpoint/hf_path: the teacher is the student; "
                               "drop the other teacher setting")
+        if self.student.cfg.lora is not None:
+            raise ConfigError(f"{key}student_itself=true freezes the student's own weights, adapters included (they "
+                              "are the teacher); drop model.init_args.student.lora, or give another teacher")
         if objective != "kd":
             raise ConfigError(f"{key}student_itself=true works with objective kd (the divergence on the data's "
                               f"tokens), not {objective}; set model.init_args.objective kd")

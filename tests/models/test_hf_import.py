@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import assert_close_rel, lm_recipe, run_cli, tiny_hf_teacher
-from pikv_train.errors import ConfigError
+from pikv_train.errors import ConfigError, MissingFileError
 from pikv_train.models.build import build_decoder, resolve_config
 from pikv_train.models.config import ModelConfig, MoEConfig
 from pikv_train.models.upcycle import UpcycleConfig
@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 NO_LOGGER = ("--trainer.logger", "false")
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 500.0})  # not our defaults: both must be read
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
@@ -98,7 +99,7 @@ def test_settings_that_contradict_the_folder_are_refused(tmp_path):
         resolve_config(ModelConfig(hf_path=path, moe=MoEConfig(n_experts=3, d_expert=8)))
     with pytest.raises(ConfigError, match="set one of them"):
         build_decoder(ModelConfig(hf_path=path), init_from="x.ckpt")
-    with pytest.raises(Exception, match="no Hugging Face model folder"):
+    with pytest.raises(MissingFileError, match="no Hugging Face model folder"):
         resolve_config(ModelConfig(hf_path=str(tmp_path / "absent")))
 
 

@@ -87,10 +87,18 @@ def test_bad_lora_settings_are_one_line_errors():
         check_with_cache(LoRAConfig(), "svd")
 
 
-def test_cache_policies_stay_active_while_adapters_train():
+@pytest.mark.parametrize("setting", ["h2o", "kivi", "h2o+sharding"])
+def test_cache_policies_stay_active_while_adapters_train(setting):
+    from pikv_train.cache.sharding import ShardingConfig, build_sharding
+
     model = _model()
-    apply_lora(model, LoRAConfig(rank=4))
-    model.set_cache_policy(build_policy(CacheConfig(policy="h2o", budget=0.25, chunk_size=4), model.cfg))
+    apply_lora(model, LoRAConfig(rank=4, targets=["attention", "ffn"]))
+    cache = (CacheConfig(compressor={"name": "quantized", "bits": 2, "group_size": 4, "residual": 4})
+             if setting == "kivi" else CacheConfig(policy="h2o", budget=0.25, chunk_size=4))
+    model.set_cache_policy(build_policy(cache, model.cfg))
+    if setting.endswith("sharding"):
+        model.set_kv_sharding(build_sharding(ShardingConfig(enabled=True, read_mode="by_routing", n_sink=1, window=3,
+                                                            read_shards=1), model.cfg))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):

@@ -75,7 +75,9 @@ def test_checkpoint_holds_trainable_parameters_and_a_reference_and_reloads_merge
     keys = set(ckpt["state_dict"])
     assert "model.embed.weight" not in keys and "model.blocks.0.attn.q_proj.weight" not in keys
     assert "model.blocks.0.attn.q_proj.lora_A" in keys and "model.blocks.0.ffn.experts.0.down.lora_B" in keys
-    assert ckpt["pikv_lora"] == {"merged": False, "base": {"init_from": str(tmp / "base.ckpt"), "hf_path": None}}
+    base = ckpt["pikv_lora"]["base"]
+    assert ckpt["pikv_lora"]["merged"] is False and base["init_from"] == str((tmp / "base.ckpt").resolve())
+    assert base["hf_path"] is None and base["checksum"] > 0
     reloaded = load_decoder(tmp / "lora.ckpt")  # the base from the reference, the adapters merged
     assert_close_rel(_logits(reloaded), _logits(task.model), 1e-5)
     assert float((_logits(reloaded) - _logits(load_decoder(tmp / "base.ckpt"))).abs().max()) > 1e-4
@@ -108,3 +110,59 @@ def test_resume_continues_the_adapters_and_merged_checkpoints_are_refused(runs, 
     assert_close_rel(_logits(load_decoder(tmp_path / "merged.ckpt")), _logits(task.model), 1e-5)
     with pytest.raises(ConfigError, match="holds merged LoRA weights"):
         _fit(_task(tmp / "base.ckpt"), tmp_path, 5, ckpt_path=str(tmp_path / "merged.ckpt"))
+
+
+def test_resume_restores_the_adapters_exactly(runs, tmp_path):
+    tmp, task, _ = runs
+    resumed = _task(tmp / "base.ckpt")
+    _fit(resumed, tmp_path, 3, ckpt_path=str(tmp / "lora.ckpt"))  # restored at step 3: no step runs
+    for (n, a), (_, b) in zip(task.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_a_lora_checkpoint_is_refused_by_a_model_without_those_adapters_or_over_a_changed_base(runs, tmp_path):
+    from pikv_train.models.build import plain_state
+
+    tmp, _, _ = runs
+    plain = LanguageModelTask(model=ModelConfig.preset("nano-moe", max_seq_len=32).to_dict(), cache={}, kv_sharding={})
+    with pytest.raises(ConfigError, match="holds LoRA adapters"):
+        _fit(plain, tmp_path, 4, ckpt_path=str(tmp / "lora.ckpt"))
+    with pytest.raises(ConfigError, match="holds LoRA adapters"):
+        _fit(_task(tmp / "base.ckpt", rank=2), tmp_path, 4, ckpt_path=str(tmp / "lora.ckpt"))
+    ckpt = torch.load(tmp / "lora.ckpt", map_location="cpu", weights_only=False)
+    ckpt["pikv_lora"]["base"]["checksum"] *= 1.01  # as if base.ckpt had been trained further since
+    with pytest.raises(ConfigError, match="has other weights than when the adapters were trained"):
+        plain_state(ckpt, "model.")
+
+
+def test_merged_checkpoints_keep_the_kv_adapter_under_a_kv_compressor_and_load_for_evaluation(runs, tmp_path):
+    tmp, task, _ = runs
+    cfg = ModelConfig.preset("nano-moe", max_seq_len=32, lora={**LORA, "save_merged": True}).to_dict()
+    merged_task = LanguageModelTask(model=cfg, init_from=str(tmp / "base.ckpt"), kv_sharding={}, optim={},
+                                    cache={"compressor": {"name": "quantized", "bits": 4}})
+    merged_task.model.load_state_dict(task.model.state_dict())
+    _fit(merged_task, tmp_path, 0).save_checkpoint(tmp_path / "merged_kivi.ckpt")
+    sd = torch.load(tmp_path / "merged_kivi.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    kv = task.model.blocks[0].attn.kv_proj
+    assert torch.equal(sd["model.blocks.0.attn.kv_proj.weight"], kv.merged_weight())
+    assert not torch.equal(kv.merged_weight(), kv.weight)  # the adapter is in there
+    loaded = LanguageModelTask.load_from_checkpoint(tmp_path / "merged_kivi.ckpt")  # evaluation: not refused
+    assert_close_rel(_logits(loaded.model), _logits(merged_task.model), 1e-5)
+
+
+def test_lora_beside_a_low_rank_kv_compressor_or_a_self_teacher_is_refused(runs):
+    from types import SimpleNamespace
+
+    from pikv_train.callbacks.policy_switch import CachePolicySwitch
+    from pikv_train.tasks import DistillationTask, TeacherConfig
+
+    tmp, task, _ = runs
+    switch = CachePolicySwitch(at_step=2, cache={"compressor": {"name": "svd", "rank": 0.5}})
+    with pytest.raises(ConfigError, match="drop kv_proj from student.lora.targets"):
+        switch.on_fit_start(SimpleNamespace(world_size=1), task)
+    cfg = ModelConfig.preset("nano-moe", max_seq_len=32, lora={**LORA, "targets": ["q_proj"]}).to_dict()
+    with pytest.raises(ConfigError, match="folds them into it"):
+        LanguageModelTask(model=cfg, init_from=str(tmp / "base.ckpt"), cache={"compressor": {"name": "lora"}})
+    with pytest.raises(ConfigError, match="student_itself=true freezes the student's own weights, adapters included"):
+        DistillationTask(student=cfg, student_init=str(tmp / "base.ckpt"), teacher=TeacherConfig(student_itself=True),
+                         cache={"compressor": {"name": "quantized", "bits": 4}})
