@@ -384,3 +384,26 @@ def test_only_the_fields_that_shape_the_parameters_are_another_architecture():
     assert architecture_differences(dense, moe) == ["moe set in the checkpoint vs null configured"]
     assert architecture_differences(variant(dense, d_ff=128), dense) == ["d_ff 64 in the checkpoint vs 128 configured"]
     assert architecture_differences(variant(dense, tie_embeddings=False), dense)
+
+
+def test_retrofit_recipe_trains_only_adapters_over_the_teachers_own_weights(tmp_path):
+    """recipes/retrofit.yaml at test size: student = the teacher's weights + LoRA under the policy, teacher = the same
+    checkpoint with the full cache; the checkpoint holds the adapters and a reference to that base."""
+    teacher = run_cli("fit", "--config", str(lm_recipe(tmp_path, "teacher", steps=2,
+                                                       model="configs/model/nano_dense.yaml")))
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    base = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    arch = {"n_layer": 2, "n_head": 2, "n_kv_head": 1, "d_model": 32, "d_ff": 64, "max_seq_len": 128}
+    proc = run_cli("fit", "--config", "recipes/retrofit.yaml", "--out_dir", str(tmp_path / "rf"),
+                   "--model.init_args.student_init", str(base), "--model.init_args.teacher.checkpoint", str(base),
+                   *[a for k, v in arch.items() for a in (f"--model.init_args.student.{k}", str(v))],
+                   "--model.init_args.cache.reference_len", "32", "--data.seq_len", "32", "--data.batch_size", "4",
+                   "--data.max_documents", "6", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                   "--trainer.limit_val_batches", "2", "--trainer.logger", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "rf" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["pikv_lora"]["base"]["init_from"] == str(base.resolve()) and ckpt["global_step"] == 2
+    assert ckpt["pikv_cache_policy"]["policy"] == "h2o"
+    keys = set(ckpt["state_dict"])
+    assert keys and all(k.endswith(("lora_A", "lora_B")) for k in keys)  # the base stays where it was
+    assert sum(ckpt["state_dict"][k].abs().sum() for k in keys if k.endswith("lora_B")) > 0  # adapters trained
