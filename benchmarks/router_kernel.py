@@ -39,7 +39,7 @@ def _import_kernels():
         import pikv_kernels  # noqa: F401
     except ImportError:
         spec = importlib.util.spec_from_file_location(
-            "pikv_kernels", ROOT / "kernels/__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+            "pikv_kernels", ROOT / "pikv_kernels/__init__.py", submodule_search_locations=[str(ROOT / "pikv_kernels")])
         mod = importlib.util.module_from_spec(spec)
         sys.modules["pikv_kernels"] = mod
         spec.loader.exec_module(mod)

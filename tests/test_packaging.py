@@ -1,4 +1,4 @@
-"""Packaging: every subpackage is listed in pyproject.toml, and kernels/ is installed as pikv_kernels."""
+"""Packaging: every subpackage is listed in pyproject.toml, and the Triton kernels install as pikv_kernels."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_kernels_import_under_our_own_name():
     import pikv_kernels
 
     assert hasattr(pikv_kernels, "fused_router")
-    # Editable installs point at the kernels/ folder, regular ones at site-packages/pikv_kernels.
+    # Editable installs point at the repository's pikv_kernels/ folder, regular ones at site-packages.
     from pathlib import Path
 
     assert Path(pikv_kernels.__file__).parent.name in ("kernels", "pikv_kernels")

@@ -80,7 +80,7 @@ class RouterConfig:
     kernel: Literal["auto", "triton", "reference", "eager"] = "auto"
     """Router implementation for the fixed-k routers (base, topk_balanced, eplb, hierarchical): auto = the
     env var PIKV_ROUTER_KERNEL if set, else the fused Triton kernel on CUDA and eager PyTorch elsewhere;
-    triton (CPU needs TRITON_INTERPRET=1); reference (kernels/router_reference.py); eager. adaptive and
+    triton (CPU needs TRITON_INTERPRET=1); reference (pikv_kernels/router_reference.py); eager. adaptive and
     pikv always run eager (dynamic k)."""
 
     def __post_init__(self) -> None:
