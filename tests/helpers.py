@@ -129,3 +129,13 @@ def tiny_hf_teacher(folder: Path, vocab_size: int = 300) -> Path:
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def training_visibility(pol, q, k, ctx):
+    """The policy's training visibility (B|1, H_kv|1, T, T) as it runs: its dense mask, or the block-sparse
+    plan's visibility when the policy attends block by block (None: every causal key)."""
+    m = pol.training_mask(q, k, ctx)
+    plan = ctx.scratch.get("policy_block_plan")
+    if m is None and plan is not None:
+        return plan.dense(k.shape[0], k.shape[1], k.shape[2])
+    return m

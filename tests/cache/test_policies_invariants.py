@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import training_visibility
 
 from pikv_train.cache import CacheConfig, build_policy
 from pikv_train.models import ModelConfig
@@ -32,7 +33,7 @@ def _policy(name, budget=BUDGET, **kw):
 
 def _mask(pol, q, k):
     ctx = AttentionContext(layer_idx=1, positions=torch.arange(T).expand(B, T))
-    m = pol.training_mask(q, k, ctx)
+    m = training_visibility(pol, q, k, ctx)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     return (causal if m is None else m).expand(B, HKV, T, T), ctx.stats
 
@@ -172,7 +173,7 @@ def test_fractional_budget_resolves_against_the_fixed_reference_length():
     assert pol.budget_tokens() == 12 and pol.new_cache(2).budget == 12
     q, k = _qk(7)
     ctx = AttentionContext(layer_idx=1, positions=torch.arange(20).expand(B, 20))
-    m = pol.training_mask(q[:, :, :20], k[:, :, :20], ctx)
+    m = training_visibility(pol, q[:, :, :20], k[:, :, :20], ctx)
     assert int(m.sum(-1).max()) == 12
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pikv_train.cache.compression.base import scoring_logits
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
+from pikv_train.cache.policies.blocks import BlockPlan, row_blocks, window_block
 
 
 def _pool(x, kernel):
@@ -113,31 +114,61 @@ class AdaKVScheduler(CachePolicy):
 
     @torch.no_grad()
     def keep_per_chunk(self, q, k, budget, versions=None):
-        """keep_c (B, H_kv, nC, T): the selection of each chunk. Scores at boundary s0 use the keys as the cache
-        holds them when row s0 arrives (``versions``: a versioned compressor's stored forms at s0)."""
+        """keep_c (B, H_kv, nC, T): the selection of each chunk, and (w, c). Scores at boundary s0 use the keys as
+        the cache holds them when row s0 arrives (``versions``: a versioned compressor's stored forms at s0).
+
+        The window rows score only the keys stored at s0 (the window range and the previous selection),
+        gathered to the largest head's count, so the pass costs O(T·budget), not O(T²)."""
         b, hkv, t, hd = k.shape
+        g = q.shape[1] // hkv
         w, hh, c, floor = self.sizes(budget)
         starts = self.chunk_starts(t, c)
         n_c = len(starts)
-        qg = q.double().view(b, hkv, q.shape[1] // hkv, t, hd)
+        qg = q.double().view(b, hkv, g, t, hd)
         kd = k.double()
         j = torch.arange(t, device=q.device)
         keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=q.device)
         out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=q.device)
         for ci in range(1, n_c):
             s0 = starts[ci]
-            stored = keep | ((j >= s0 - w) & (j < s0))
+            lo = max(0, s0 - w)
             cand = keep | ((j >= s0 - w) & (j < self.chunk_end(s0, c) - w))  # previous selection + keys leaving the window
-            wr = j[max(0, s0 - w): s0]
+            # Stored at s0: the window range [lo, s0) and the selection before it, (B, H_kv, S) slots.
+            old = keep & (j < lo)
+            n_old = int(old.sum(-1).max())
+            kidx = old.to(torch.int8).topk(max(n_old, 1), dim=-1, sorted=False).indices
+            keys = torch.cat([j[lo:s0].expand(b, hkv, -1), kidx], -1)
+            stored = torch.cat([torch.ones(b, hkv, s0 - lo, dtype=torch.bool, device=q.device),
+                                old.gather(-1, kidx)], -1)
+            wr = j[lo:s0]
             at_s0 = torch.full_like(wr, s0)  # every window row scores the keys as stored at the boundary
-            logits = scoring_logits(versions, qg[:, :, :, wr], kd[:, :, None], at_s0,
-                                    lambda x: x.double()[:, :, None]) / math.sqrt(hd)  # (B, H_kv, g, nw, T)
-            vis = stored[:, :, None, None, :] & (j[None] <= wr[:, None])
-            p = logits.masked_fill(~vis, float("-inf")).softmax(-1).mean(2).sum(2)  # (B, H_kv, T)
-            sc = _pool(p, self.cfg.snap_kernel).masked_fill(~cand, float("-inf"))
+            idx = keys[:, :, None, None].expand(b, hkv, g, len(wr), -1)
+            if versions is None:
+                kg = kd.gather(2, keys[..., None].expand(-1, -1, -1, hd))[:, :, None]  # (B, H_kv, 1, S, hd)
+                logits = qg[:, :, :, wr] @ kg.transpose(-1, -2) / math.sqrt(hd)  # (B, H_kv, g, nw, S)
+            else:
+                logits = scoring_logits(versions, qg[:, :, :, wr], kd[:, :, None], at_s0,
+                                        lambda x: x.double()[:, :, None]).gather(-1, idx) / math.sqrt(hd)
+            vis = stored[:, :, None, None, :] & (keys[:, :, None, None, :] <= wr[:, None])
+            p = logits.masked_fill(~vis, float("-inf")).softmax(-1).mean(2).sum(2)  # (B, H_kv, S)
+            grid = torch.zeros(b, hkv, t, dtype=torch.float64, device=q.device).scatter_add_(-1, keys, p)
+            sc = _pool(grid, self.cfg.snap_kernel).masked_fill(~cand, float("-inf"))
             keep = ada_select(sc, floor, hkv * hh, j.double())
             out[:, :, ci] = keep
         return out, (w, c)
+
+    def block_plan(self, q, k, ctx, budget):
+        t = q.shape[2]
+        keep_c, (w, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None))
+        starts = self.chunk_starts(t, c)
+        j = torch.arange(t, device=q.device)
+        # Slots for the kept keys before each chunk's window range: the largest head's count over all chunks.
+        lo = torch.tensor(starts, device=q.device)[:, None] - w + 1  # (nC, 1)
+        n_keep = int((keep_c & (j < lo)).sum(-1).max())
+        parts = [window_block(keep_c[:, :, ci], s0, starts[ci + 1] if ci + 1 < len(starts) else t, c, 0, w, n_keep,
+                              t, q.device) for ci, s0 in enumerate(starts)]
+        return BlockPlan(row_blocks(starts, t, c, q.device), torch.stack([p[0] for p in parts], 2),
+                         torch.stack([p[1] for p in parts], 2))
 
     def mask(self, q, k, ctx, budget):
         t = q.shape[2]

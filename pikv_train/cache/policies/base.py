@@ -76,7 +76,10 @@ class CachePolicy(AttentionHook):
             cfg = CacheConfig.from_dict({**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, **overrides})
         self.cfg = cfg.validate()
         self.reference_len: int | None = cfg.reference_len or getattr(model_cfg, "max_seq_len", None)
-        self.use_flex: bool | None = None  # None: FlexAttention on CUDA, SDPA + bool mask elsewhere
+        self.use_flex: bool | None = None  # None: FlexAttention on CUDA, SDPA elsewhere
+        # None: block-sparse attention where FlexAttention does not run and the policy has a block plan;
+        # False: the dense (T, T) boolean mask (the reference the block path is tested against).
+        self.use_blocks: bool | None = None
         self._warned_inert = False
         from pikv_train.cache.compression import build_compressor
 
@@ -176,14 +179,36 @@ class CachePolicy(AttentionHook):
                 ctx.scratch["policy_dense_mask"] = lambda: dense_from_mask_mod(mm, b, hkv, t, k.device)
             self.log_stats(ctx, None if mm is None else counts_from_mask_mod(mm, b, hkv, t, k.device), budget, k)
             return None
+        if self._blocks(q) and getattr(ctx, "prior_mask", None) is None and not versioned:
+            # Block-sparse attention (blocks.py): each block of rows reads only its gathered keys, O(T·budget).
+            plan = self.block_plan(q, k, ctx, budget)
+            if plan is not None:
+                b, hkv, t, _ = k.shape
+                ctx.scratch["policy_block_plan"] = plan
+                ctx.scratch["policy_dense_mask"] = lambda: plan.dense(b, hkv, t)  # detached attention targets
+                self.log_stats(ctx, plan.counts(b, hkv, t), budget, k)
+                return None
         m = self.mask(q, k, ctx, budget)
         ctx.scratch["policy_own_mask"] = m  # (B|1, 1|H_kv, T, T) or None: what this policy alone lets rows read
         self.log_stats(ctx, None if m is None else m.expand(k.shape[0], k.shape[1], -1, -1).sum(-1), budget, k)
         return m
 
+    def _blocks(self, q: Tensor) -> bool:
+        return not self._flex(q) if self.use_blocks is None else self.use_blocks
+
+    def block_plan(self, q: Tensor, k: Tensor, ctx: AttentionContext, budget: int):
+        """The block-sparse form of the training mask (:class:`~pikv_train.cache.policies.blocks.BlockPlan`), or
+        None where the policy has none (the dense masked path runs). Only called when no other hook restricts
+        the rows and no versioned compressor is active."""
+        return None
+
     def attend(self, q, k, v, mask, ctx):
-        # FlexAttention only when ``training_mask`` left the mask to it; with another hook's dense mask
-        # (sharding) ours was built densely and ANDed in already, and SDPA runs the result.
+        # Block-sparse or FlexAttention only when ``training_mask`` left the mask to them; with another hook's
+        # dense mask (sharding) ours was built densely and ANDed in already, and SDPA runs the result.
+        if mask is None and ctx.versions is None and "policy_block_plan" in ctx.scratch:
+            from pikv_train.cache.policies.blocks import block_attend
+
+            return block_attend(q, k, v, ctx.scratch["policy_block_plan"])
         if not self._flex(q) or mask is not None or "policy_mask_mod" not in ctx.scratch or ctx.versions is not None:
             return None
         from pikv_train.cache.policies.flex import flex_attend

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
+from pikv_train.cache.policies.blocks import BlockPlan
 from pikv_train.errors import ConfigError
 
 
@@ -133,6 +134,28 @@ class QuestScheduler(CachePolicy):
         sel = self.page_selection(q, k, budget, getattr(ctx, "versions", None))
         j_page = torch.arange(t, device=q.device) // self.cfg.page_size
         return sel[..., j_page] & causal_mask(t, q.device)
+
+    def block_plan(self, q, k, ctx, budget):
+        """Blocks of one page of rows: each reads the union of its rows' selected pages plus its own page, padded
+        to the largest union (rows of a page mostly agree on their pages, so S stays near the budget)."""
+        if ctx.layer_idx < self.cfg.quest_dense_layers:
+            return None
+        b, hkv, t, _ = k.shape
+        page = self.cfg.page_size
+        with torch.no_grad():
+            sel = self.page_selection(q, k, budget)  # (B, H_kv, T, nP)
+        n_p = sel.shape[-1]
+        sel_rows = F.pad(sel, (0, 0, 0, n_p * page - t)).view(b, hkv, n_p, page, n_p)  # (B, H_kv, nB, C, nP)
+        union = sel_rows.any(3)  # (B, H_kv, nB, nP)
+        n_u = int(union.sum(-1).max())
+        pages = union.to(torch.int8).topk(n_u, dim=-1, sorted=False).indices  # (B, H_kv, nB, U)
+        used = union.gather(-1, pages)
+        j = (pages[..., None] * page + torch.arange(page, device=q.device)).flatten(-2)  # (B, H_kv, nB, U * page)
+        rows = torch.arange(n_p * page, device=q.device).view(n_p, page)
+        # Row i reads key j of page P when it selected P (its own page included) and j <= i.
+        reads = sel_rows.gather(-1, pages[:, :, :, None].expand(-1, -1, -1, page, -1)) & used[:, :, :, None]
+        vis = reads.repeat_interleave(page, -1) & (j[:, :, :, None] <= rows[:, :, None]) & (rows < t)[:, :, None]
+        return BlockPlan(torch.where(rows < t, rows, -1), j.clamp_max(t - 1), vis)
 
     def mask_mod(self, q, k, ctx, budget):
         if ctx.layer_idx < self.cfg.quest_dense_layers:

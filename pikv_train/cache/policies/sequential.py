@@ -31,6 +31,7 @@ from torch import Tensor
 
 from pikv_train.cache.compression.base import scoring_logits
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
+from pikv_train.cache.policies.blocks import BlockPlan, row_blocks, window_block
 
 NEG = float("-inf")
 
@@ -140,8 +141,13 @@ class ChunkSequentialPolicy(CachePolicy):
 
     @torch.no_grad()
     def keep_per_chunk(self, q: Tensor, k: Tensor, budget: int, prior: Tensor | None = None,
-                       versions=None) -> tuple[Tensor, tuple]:
-        """The chunk-sequential pass (module docstring): keep_c (B, H_kv, nC, T) bool, and the sizes.
+                       versions=None) -> tuple[Tensor, tuple, BlockPlan]:
+        """The chunk-sequential pass (module docstring): keep_c (B, H_kv, nC, T) bool, the sizes, and the block
+        plan of the keys each chunk's rows read (blocks.py).
+
+        Each chunk's rows score over exactly the keys they can read, gathered to S = s + R + C - 1 + H slots
+        (sinks, the recent-window range, the kept keys), so the pass costs O(T·budget), not O(T²); the same
+        gathering is the plan the block-sparse attention then runs with gradients.
 
         Args:
             q: (B, H, T, hd) rotated queries; k: (B, H_kv, T, hd) rotated keys.
@@ -149,10 +155,10 @@ class ChunkSequentialPolicy(CachePolicy):
             versions: a versioned compressor's stored forms (rows score over the keys as they read them).
         """
         b, h, t, hd = q.shape
-        hkv = k.shape[1]
+        hkv, g = k.shape[1], h // k.shape[1]
         s, r, hh, c = self.sizes(budget)
-        qd = q.double().view(b, hkv, h // hkv, t, hd) / math.sqrt(hd)
-        kd = k.double()[:, :, None]  # (B, H_kv, 1, T, hd)
+        qd = q.double().view(b, hkv, g, t, hd) / math.sqrt(hd)
+        kd = k.double()
         j = torch.arange(t, device=q.device)
         starts = self.chunk_starts(t, c)
         n_c = len(starts)
@@ -161,6 +167,7 @@ class ChunkSequentialPolicy(CachePolicy):
         imp = torch.zeros(b, hkv, t, dtype=torch.float64, device=q.device)
         freq = torch.zeros_like(imp)
         last = j.double().expand(b, hkv, t).clone()  # last use; a key counts as used when appended
+        keys_c, vis_c = [], []
         for ci, s0 in enumerate(starts):
             e = starts[ci + 1] if ci + 1 < n_c else t
             if ci > 0:
@@ -168,19 +175,34 @@ class ChunkSequentialPolicy(CachePolicy):
                 sc = self.score(imp, freq, last, j, s0, cand).masked_fill(~cand, NEG)
                 keep = top_n_mask(sc, hh, j.double()) if hh > 0 else torch.zeros_like(keep)
                 out[:, :, ci] = keep
-            rows = torch.arange(s0, e, device=q.device)[:, None]  # (C, 1)
-            causal = j[None] <= rows  # (C, T)
-            vis = causal & ((j[None] < s) | (rows - j[None] < r) | keep[:, :, None, :])  # (B, H_kv, C, T)
+            # The keys rows [s0, e) can read: (B, H_kv, S) slots, (B, H_kv, C, S) visibility (rows past e: none).
+            keys, vis = window_block(keep, s0, e, c, s, r, hh, t, q.device)
+            keys_c.append(keys)
+            vis_c.append(vis)
+            n = e - s0
+            rows = torch.arange(s0, e, device=q.device)
+            vis = vis[:, :, :n]
             if prior is not None:
-                vis = vis & prior[..., s0:e, :]
-            logits = scoring_logits(versions, qd[:, :, :, s0:e], kd, rows[:, 0], lambda x: x.double()[:, :, None])
-            p = logits.masked_fill(~vis[:, :, None], NEG).softmax(-1).mean(2)
-            imp += p.sum(2)
+                pr = prior[..., s0:e, :].expand(b, hkv, n, t)
+                vis = vis & pr.gather(-1, keys[:, :, None].expand(b, hkv, n, -1))
+            idx = keys[:, :, None, None].expand(b, hkv, g, n, -1)  # (B, H_kv, g, n, S)
+            if versions is None:
+                kg = kd.gather(2, keys[..., None].expand(-1, -1, -1, hd))  # (B, H_kv, S, hd)
+                logits = qd[:, :, :, s0:e] @ kg[:, :, None].transpose(-1, -2)
+            else:  # the keys as each row reads them (stored forms), then the same slots
+                logits = scoring_logits(versions, qd[:, :, :, s0:e], kd[:, :, None], rows,
+                                        lambda x: x.double()[:, :, None]).gather(-1, idx)
+            p = logits.masked_fill(~vis[:, :, None], NEG).softmax(-1).mean(2)  # (B, H_kv, n, S)
+            imp.scatter_add_(-1, keys, p.sum(2))
             if self.uses_use_signal:
-                used = self.used(p) & vis  # (B, H_kv, C, T)
-                freq += used.sum(2)
-                last = torch.maximum(last, torch.where(used, rows.double(), -1.0).amax(2))
-        return out, (s, r, hh, c)
+                used = self.used(p) & vis  # (B, H_kv, n, S)
+                freq.scatter_add_(-1, keys, used.sum(2).double())
+                last.scatter_reduce_(-1, keys, torch.where(used, rows[:, None].double(), -1.0).amax(2), "amax")
+        plan = BlockPlan(row_blocks(starts, t, c, q.device), torch.stack(keys_c, 2), torch.stack(vis_c, 2))
+        return out, (s, r, hh, c), plan
+
+    def block_plan(self, q, k, ctx, budget):
+        return self.keep_per_chunk(q, k, budget)[2]
 
     def _mask(self, keep_c: Tensor, sizes: tuple, t: int, device) -> Tensor:
         s, r, _, c = sizes
@@ -189,11 +211,11 @@ class ChunkSequentialPolicy(CachePolicy):
         return causal_mask(t, device) & ((i[None] < s) | (i[:, None] - i[None] < r) | kept)
 
     def mask(self, q, k, ctx, budget):
-        keep_c, sizes = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None), getattr(ctx, "versions", None))
+        keep_c, sizes, _ = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None), getattr(ctx, "versions", None))
         return self._mask(keep_c, sizes, q.shape[2], q.device)
 
     def mask_mod(self, q, k, ctx, budget):
-        keep_c, (s, r, _, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None),
+        keep_c, (s, r, _, c), _ = self.keep_per_chunk(q, k, budget, getattr(ctx, "prior_mask", None),
                                                    getattr(ctx, "versions", None))
         rc = self.row_chunks(q.shape[2], c, q.device)
         return lambda b, h, qi, ki: (ki < s) | (qi - ki < r) | keep_c[b, h, rc[qi], ki]  # T/C x T bits per head

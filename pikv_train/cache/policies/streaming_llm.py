@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask
+from pikv_train.cache.policies.blocks import BlockPlan, row_blocks, window_block
 
 
 def sink_window(budget: int, n_sink: int) -> tuple[int, int]:
@@ -47,6 +48,19 @@ class StreamingLLMScheduler(CachePolicy):
 
     def mask(self, q, k, ctx, budget):
         return streaming_mask(q.shape[2], budget, self.cfg.n_sink, q.device)[None, None]
+
+    block_rows = 64
+    """Rows per block of the block-sparse path: each block reads s + W + 63 keys (its rows' windows overlap)."""
+
+    def block_plan(self, q, k, ctx, budget):
+        s, w = sink_window(budget, self.cfg.n_sink)
+        t = q.shape[2]
+        c = min(self.block_rows, t)
+        starts = list(range(0, t, c))
+        parts = [window_block(None, s0, min(s0 + c, t), c, s, w, 0, t, q.device) for s0 in starts]
+        keys = torch.stack([p[0] for p in parts], 2)  # (1, 1, nB, S)
+        vis = torch.stack([p[1] for p in parts], 2)  # (1, 1, nB, C, S)
+        return BlockPlan(row_blocks(starts, t, c, q.device), keys, vis)
 
     def mask_mod(self, q, k, ctx, budget):
         s, w = sink_window(budget, self.cfg.n_sink)

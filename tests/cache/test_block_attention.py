@@ -1,0 +1,108 @@
+"""Block-sparse attention under a cache policy (pikv_train/cache/policies/blocks.py, issue 17): each block of
+rows reads only its gathered keys, and the outputs, gradients and statistics equal the dense masked path on a
+model with peaky attention. (Decoding with the deployed cache equals this path too: tests/cache/test_contract.py
+runs it wherever no other hook restricts the rows.)"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import pikv_train.cache.policies.blocks as blocks
+from pikv_train.cache import CacheConfig, build_policy
+from pikv_train.models import Decoder, ModelConfig
+from pikv_train.models.hooks import AttentionContext
+
+POLICIES = ["streaming_llm", "h2o", "lru", "lru_plus", "ada_kv", "quest"]
+REF, T = 40, 50  # sequences past the reference length: chunk boundaries at multiples of 4, then L, L + 4, ...
+
+
+def _cfg() -> ModelConfig:
+    return ModelConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=32, max_seq_len=64)
+
+
+def _policy(name: str, cfg: ModelConfig, use_blocks: bool | None, budget: float = 0.25):
+    pol = build_policy(CacheConfig(policy=name, budget=budget, chunk_size=4, n_sink=2, page_size=4,
+                                   quest_dense_layers=1, snap_window=6, snap_kernel=3, reference_len=REF), cfg)
+    pol.use_blocks = use_blocks
+    return pol
+
+
+def _peaky(model: Decoder) -> Decoder:
+    with torch.no_grad():  # most rows put > 0.5 of their mass on one key: decisions are sharp
+        for blk in model.blocks:
+            blk.attn.q_proj.weight.mul_(20.0)
+            blk.attn.kv_proj.weight[: model.cfg.n_kv_head * model.cfg.head_dim].mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> Decoder:
+    torch.manual_seed(0)
+    return _peaky(Decoder(_cfg()))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_block_sparse_attention_equals_the_dense_masked_path_forward_and_backward(model, name, monkeypatch):
+    x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(1))
+    calls = []
+    monkeypatch.setattr(blocks, "block_attend", lambda *a: calls.append(1) or block_attend(*a))
+    got = {}
+    for use in (False, None):  # the dense (T, T) boolean mask, then the default block-sparse path
+        model.set_cache_policy(_policy(name, model.cfg, use))
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        (out.hidden * torch.linspace(-1, 1, out.hidden.shape[-1])).sum().backward()
+        got[use] = (out.hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                    {k: float(v) for k, v in out.stats.items()})
+    assert len(calls) == (2 if name == "quest" else 3)  # every policy layer ran block-sparse (Quest: 1 dense layer)
+    (h0, g0, s0), (h1, g1, s1) = got[False], got[None]
+    scale = float(h0.abs().max())
+    torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-5 * scale)
+    for n, g in g0.items():
+        torch.testing.assert_close(g1[n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=n)
+    assert s1 == pytest.approx(s0, rel=1e-9)  # kept fraction, budget use, evictions, bytes: the same visibility
+    model.set_cache_policy(None)
+    with torch.no_grad():
+        free = model(x).hidden
+    assert float((free - h0).abs().max()) > 1e-3 * scale  # the policy acts at this budget
+
+
+block_attend = blocks.block_attend
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_the_block_plan_shows_each_row_exactly_the_keys_of_the_dense_mask(name):
+    cfg = _cfg()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, T, 8, generator=g) * 4
+    k = torch.randn(2, 2, T, 8, generator=g) * 4
+    pol = _policy(name, cfg, None)
+    ctx = AttentionContext(layer_idx=2, positions=torch.arange(T).expand(2, T))
+    budget = pol.budget_tokens()
+    dense = pol.mask(q, k, ctx, budget).expand(2, 2, T, T)
+    plan = pol.block_plan(q, k, ctx, budget)
+    assert torch.equal(plan.dense(2, 2, T), dense)
+    assert torch.equal(plan.counts(2, 2, T), dense.sum(-1))
+    # No key is read twice by a row (duplicate slots would count twice in the softmax).
+    b, hkv, nb, c, s = plan.vis.expand(2, 2, -1, -1, -1).shape
+    keys = plan.keys.expand(2, 2, nb, s)[:, :, :, None].expand(b, hkv, nb, c, s)
+    hits = torch.zeros(b, hkv, nb, c, T + 1, dtype=torch.long)
+    hits.scatter_add_(-1, torch.where(plan.vis.expand_as(keys), keys, T), plan.vis.expand_as(keys).long())
+    assert int(hits[..., :T].max()) == 1
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "lru", "lru_plus"])
+def test_each_block_reads_at_most_budget_plus_block_keys_not_the_whole_sequence(name):
+    """O(T·(budget + C)): the key slots per block do not grow with T."""
+    cfg = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, d_model=16, max_seq_len=512)
+    q, k = torch.randn(1, 2, 512, 8), torch.randn(1, 1, 512, 8)
+    pol = build_policy(CacheConfig(policy=name, budget=32, chunk_size=8, n_sink=4), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the chunk is capped at the window (no cap at these sizes)
+        plan = pol.block_plan(q, k, AttentionContext(layer_idx=0, positions=torch.arange(512)[None]), 32)
+    c = plan.rows.shape[1]
+    assert plan.keys.shape[-1] <= 32 + c - 1
+    assert int(plan.vis.sum(-1).max()) <= 32  # and no row reads more than the budget
