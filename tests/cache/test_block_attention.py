@@ -87,10 +87,11 @@ def test_the_block_plan_shows_each_row_exactly_the_keys_of_the_dense_mask(name):
     assert torch.equal(plan.dense(2, 2, T), dense)
     assert torch.equal(plan.counts(2, 2, T), dense.sum(-1))
     # No key is read twice by a row (duplicate slots would count twice in the softmax).
-    b, hkv, nb, c, s = plan.vis.expand(2, 2, -1, -1, -1).shape
+    vis = plan.block_vis().expand(2, 2, -1, -1, -1)
+    b, hkv, nb, c, s = vis.shape
     keys = plan.keys.expand(2, 2, nb, s)[:, :, :, None].expand(b, hkv, nb, c, s)
     hits = torch.zeros(b, hkv, nb, c, T + 1, dtype=torch.long)
-    hits.scatter_add_(-1, torch.where(plan.vis.expand_as(keys), keys, T), plan.vis.expand_as(keys).long())
+    hits.scatter_add_(-1, torch.where(vis, keys, T), vis.long())
     assert int(hits[..., :T].max()) == 1
 
 
@@ -105,4 +106,18 @@ def test_each_block_reads_at_most_budget_plus_block_keys_not_the_whole_sequence(
         plan = pol.block_plan(q, k, AttentionContext(layer_idx=0, positions=torch.arange(512)[None]), 32)
     c = plan.rows.shape[1]
     assert plan.keys.shape[-1] <= 32 + c - 1
-    assert int(plan.vis.sum(-1).max()) <= 32  # and no row reads more than the budget
+    assert int(plan.block_vis().sum(-1).max()) <= 32  # and no row reads more than the budget
+
+
+def test_quest_selects_the_same_pages_when_its_rows_are_ranked_in_blocks():
+    """Quest ranks pages for 512 rows at a time (small temporaries at long T): the same selection as one pass."""
+    from pikv_train.cache.policies.quest import page_bounds
+
+    t, page = 1100, 4
+    pol = build_policy(CacheConfig(policy="quest", budget=32, page_size=page, quest_dense_layers=0),
+                       ModelConfig(n_layer=1, n_head=2, n_kv_head=1, d_model=16, max_seq_len=t))
+    q, k = torch.randn(1, 2, t, 8), torch.randn(1, 1, t, 8)
+    kp = torch.nn.functional.pad(k, (0, 0, 0, -t % page)).view(1, 1, -1, page, 8)
+    one_pass = pol._select(page_bounds(q.view(1, 1, 2, t, 8), kp.amin(3), kp.amax(3)), 0, 32 // page - 1)
+    assert torch.equal(pol.page_selection(q, k, 32), one_pass)
+    assert int(one_pass.sum(-1).max()) == 32 // page

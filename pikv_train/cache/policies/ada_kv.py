@@ -165,10 +165,9 @@ class AdaKVScheduler(CachePolicy):
         # Slots for the kept keys before each chunk's window range: the largest head's count over all chunks.
         lo = torch.tensor(starts, device=q.device)[:, None] - w + 1  # (nC, 1)
         n_keep = int((keep_c & (j < lo)).sum(-1).max())
-        parts = [window_block(keep_c[:, :, ci], s0, starts[ci + 1] if ci + 1 < len(starts) else t, c, 0, w, n_keep,
-                              t, q.device) for ci, s0 in enumerate(starts)]
+        parts = [window_block(keep_c[:, :, ci], s0, c, 0, w, n_keep, t, q.device) for ci, s0 in enumerate(starts)]
         return BlockPlan(row_blocks(starts, t, c, q.device), torch.stack([p[0] for p in parts], 2),
-                         torch.stack([p[1] for p in parts], 2))
+                         torch.stack([p[1] for p in parts], 2), window=w)
 
     def mask(self, q, k, ctx, budget):
         t = q.shape[2]

@@ -3,8 +3,11 @@
 A policy is ONE object (an :class:`~pikv_train.models.hooks.AttentionHook`): ``training_mask`` gives the
 visibility matrix M[t, j] per kv-head for the training forward, and ``new_cache`` builds the inference
 cache that appends, evicts and selects by the same rule. Masks are (B|1, H_kv|1, T, T) bool, True = may
-read, causal, diagonal kept. On CUDA the mask is never built densely: ``attend`` runs FlexAttention
-with a block mask from the policy's ``mask_mod`` (see :mod:`pikv_train.cache.policies.flex`).
+read, causal, diagonal kept. The mask is built densely only where another hook's mask must be ANDed with
+it (expert sharding, a padding mask) or a versioned compressor reads keys in several forms; otherwise
+``attend`` runs it sparsely: on CUDA FlexAttention with a block mask from the policy's ``mask_mod``
+(:mod:`pikv_train.cache.policies.flex`), elsewhere block-sparse attention over each block's gathered keys,
+O(T·(budget + C)) (:mod:`pikv_train.cache.policies.blocks`; StreamingLLM, Quest, H2O, LRU, LRU+, AdaKV).
 """
 
 from __future__ import annotations

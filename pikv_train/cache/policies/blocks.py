@@ -19,20 +19,44 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+ALWAYS, WINDOW = 1, 2  # key-slot kinds: read by every row at or after the key; read while row - key < window
+
+
+def kind_vis(j: Tensor, kind: Tensor, i: Tensor, window: int) -> Tensor:
+    """Whether row i reads key slot j of the given kind (broadcasting): causal, and ALWAYS or within the window."""
+    return (j <= i) & ((kind == ALWAYS) | ((kind == WINDOW) & (i - j < window)))
 
 
 @dataclass
 class BlockPlan:
-    """Which keys each block of query rows reads.
+    """Which keys each block of query rows reads, stored compactly (the plans of every layer stay alive until
+    the backward, so nothing of size (T, S) is kept: visibility is rebuilt per group of blocks).
 
     rows: (nB, C) long, the row of each block slot (-1: padding, when a block is shorter than C).
-    keys: (B|1, H_kv|1, nB, S) long, the key index of each key slot (any valid index where unused).
-    vis: (B|1, H_kv|1, nB, C, S) bool, row slot reads key slot (False for unused and duplicate slots).
+    keys: (B|1, H_kv|1, nB, S) long, the key index of each key slot (any index where unused; >= T is never read).
+    kind: (B|1, H_kv|1, nB, S) int8 per key slot: 0 unused, ALWAYS (read by every row j <= i), WINDOW (read by
+        rows with 0 <= i - j < ``window``); or None with ``page_sel``.
+    page_sel: (B|1, H_kv|1, nB, C, U) bool, Quest: row slot reads the block's u-th page (key slots
+        [u * page, (u + 1) * page)), causally.
     """
 
     rows: Tensor
     keys: Tensor
-    vis: Tensor
+    kind: Tensor | None = None
+    window: int = 0
+    page_sel: Tensor | None = None
+    page: int = 1
+
+    def block_vis(self, lo: int = 0, hi: int | None = None) -> Tensor:
+        """(B|1, H_kv|1, n, C, S) bool visibility of blocks [lo, hi) (False for unused and duplicate slots)."""
+        r = self.rows[lo:hi, :, None]  # (n, C, 1)
+        j = self.keys[..., lo:hi, None, :]  # (.., n, 1, S)
+        if self.kind is not None:
+            return kind_vis(j, self.kind[..., lo:hi, None, :], r, self.window) & (r >= 0)
+        return (j <= r) & (r >= 0) & self.page_sel[..., lo:hi, :, :].repeat_interleave(self.page, -1)
 
     def slot_of_row(self, t: int) -> Tensor:
         """(T,) index into the flattened (nB * C) slots of each row."""
@@ -44,16 +68,17 @@ class BlockPlan:
 
     def counts(self, b: int, hkv: int, t: int) -> Tensor:
         """(B, H_kv, T) number of keys each row reads (the policy's statistics, as from a dense mask)."""
-        n = self.vis.sum(-1).flatten(-2)  # (B|1, H_kv|1, nB * C)
+        n = self.block_vis().sum(-1).flatten(-2)  # (B|1, H_kv|1, nB * C)
         return n.index_select(-1, self.slot_of_row(t)).expand(b, hkv, t)
 
     def dense(self, b: int, hkv: int, t: int) -> Tensor:
         """(B, H_kv, T, T) bool: the same visibility as a dense mask (only where one is needed anyway)."""
         nb, c = self.rows.shape
         s = self.keys.shape[-1]
-        out = torch.zeros(b, hkv, nb * c, t + 1, dtype=torch.bool, device=self.vis.device)
+        vis = self.block_vis().expand(b, hkv, nb, c, s)
+        out = torch.zeros(b, hkv, nb * c, t + 1, dtype=torch.bool, device=vis.device)
         keys = self.keys.expand(b, hkv, nb, s)[:, :, :, None].expand(b, hkv, nb, c, s)
-        keys = torch.where(self.vis.expand(b, hkv, nb, c, s), keys, t)  # unused slots to the spare column
+        keys = torch.where(vis, keys, t)  # unused slots to the spare column
         out.scatter_(-1, keys.reshape(b, hkv, nb * c, s), True)
         return out[..., :t].index_select(2, self.slot_of_row(t))
 
@@ -67,36 +92,54 @@ def row_blocks(starts: list[int], t: int, c: int, device) -> Tensor:
     return rows
 
 
-def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan) -> Tensor:
+def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: int = 1 << 20) -> Tensor:
     """(B, H, T, hd) attention of q (B, H, T, hd) over k, v (B, H_kv, T, hd) as ``plan`` shows each row.
 
-    The g = H / H_kv query heads of a kv-head read the same keys, so they ride as extra rows of one block:
-    q (B·H_kv, nB, g·C, hd) against k, v (B·H_kv, nB, S, hd), one SDPA call for the whole layer.
+    Every (sequence, kv-head, block) is one SDPA batch entry: the g = H / H_kv query heads of the kv-head attend
+    as g heads over one gathered key head (GQA), with one (C, S) mask broadcast over them, so nothing is
+    expanded g times. Blocks run in groups of at most ``max_elems`` (row, key) scores; with gradients each group
+    is checkpointed (its gathered keys and mask are rebuilt in the backward), so the memory kept for the backward
+    is the output alone and the temporaries are one group's, whatever T is.
     """
     b, h, t, hd = q.shape
     hkv = k.shape[1]
-    g = h // hkv
     nb, c = plan.rows.shape
-    s = plan.keys.shape[-1]
-    rows = plan.rows.clamp_min(0).flatten()
-    qb = q.view(b, hkv, g, t, hd)[:, :, :, rows].view(b, hkv, g, nb, c, hd).transpose(2, 3)
-    qb = qb.reshape(b * hkv, nb, g * c, hd)
-    idx = plan.keys.expand(b, hkv, nb, s).reshape(b, hkv, nb * s, 1).expand(-1, -1, -1, hd)
-    kb = k.gather(2, idx).view(b * hkv, nb, s, hd)
-    vb = v.gather(2, idx).view(b * hkv, nb, s, hd)
-    # Padding rows read key slot 0 (any one key keeps their softmax finite; their outputs are dropped).
-    pad = (plan.rows < 0)[:, :, None] & (torch.arange(s, device=q.device) == 0)
-    vis = plan.vis | pad
-    mask = vis.expand(b, hkv, nb, c, s)[:, :, :, None].expand(b, hkv, nb, g, c, s).reshape(b * hkv, nb, g * c, s)
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B·H_kv, nB, g·C, hd)
-    y = y.view(b, hkv, nb, g, c, hd).transpose(2, 3).reshape(b, h, nb * c, hd)
+    per_block = b * h * c * plan.keys.shape[-1]
+    step = max(1, max_elems // max(per_block, 1))
+    ys = []
+    for i in range(0, nb, step):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            ys.append(checkpoint(_attend_blocks, q, k, v, plan, i, i + step, use_reentrant=False))
+        else:
+            ys.append(_attend_blocks(q, k, v, plan, i, i + step))
+    y = torch.cat(ys, 2) if len(ys) > 1 else ys[0]  # (B, H, nB * C, hd)
     return y.index_select(2, plan.slot_of_row(t))
 
 
-def window_block(keep: Tensor | None, s0: int, e: int, c: int, n_sink: int, window: int, n_keep: int,
-                 t: int, device) -> tuple[Tensor, Tensor]:
-    """Key slots and visibility of rows [s0, e) that read ``sinks ∪ recent window ∪ keep`` (H2O, LRU, LRU+,
-    AdaKV, StreamingLLM): row i reads key j <= i when j < n_sink, i - j < window, or keep[j].
+def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, lo: int, hi: int) -> Tensor:
+    """(B, H, n * C, hd) outputs of the plan's blocks [lo, hi)."""
+    rows, keys, vis = plan.rows[lo:hi], plan.keys[:, :, lo:hi], plan.block_vis(lo, hi)
+    b, h, t, hd = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    n, c = rows.shape
+    s = keys.shape[-1]
+    qb = q.view(b, hkv, g, t, hd)[:, :, :, rows.clamp_min(0).flatten()].view(b, hkv, g, n, c, hd)
+    qb = qb.permute(0, 1, 3, 2, 4, 5).reshape(b * hkv * n, g, c, hd)
+    idx = keys.clamp_max(t - 1).expand(b, hkv, n, s).reshape(b, hkv, n * s, 1).expand(-1, -1, -1, hd)
+    kb = k.gather(2, idx).view(b * hkv * n, 1, s, hd)
+    vb = v.gather(2, idx).view(b * hkv * n, 1, s, hd)
+    # Padding rows read key slot 0 (any one key keeps their softmax finite; their outputs are dropped).
+    pad = (rows < 0)[:, :, None] & (torch.arange(s, device=q.device) == 0)
+    mask = (vis | pad).expand(b, hkv, n, c, s).reshape(b * hkv * n, 1, c, s)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=g > 1)  # (B·H_kv·n, g, C, hd)
+    return y.view(b, hkv, n, g, c, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, h, n * c, hd)
+
+
+def window_block(keep: Tensor | None, s0: int, c: int, n_sink: int, window: int, n_keep: int, t: int,
+                 device) -> tuple[Tensor, Tensor]:
+    """Key slots of a block of rows [s0, s0 + c) that read ``sinks ∪ recent window ∪ keep`` (H2O, LRU, LRU+, AdaKV,
+    StreamingLLM): row i reads key j <= i when j < n_sink, i - j < window, or keep[j].
 
     The slots are [sinks (n_sink) | the window range [s0 - window + 1, s0 + c) | the n_keep kept keys before
     that range], S = n_sink + window + c - 1 + n_keep; a key in two parts is read through one of them only.
@@ -104,30 +147,23 @@ def window_block(keep: Tensor | None, s0: int, e: int, c: int, n_sink: int, wind
     Args:
         keep: (B|1, H_kv|1, T) bool kept keys (at most n_keep of them before the window range), or None.
     Returns:
-        keys (B|1, H_kv|1, S) long and vis (B|1, H_kv|1, C, S) bool (rows past e are padding: all False).
+        keys (B|1, H_kv|1, S) long and kind (B|1, H_kv|1, S) int8 (see :class:`BlockPlan`).
     """
-    dev = device
     lo = s0 - window + 1  # the first key some row of the block sees through the window
-    sink = torch.arange(n_sink, device=dev)
-    win = torch.arange(lo, s0 + c, device=dev)
-    i = torch.arange(s0, s0 + c, device=dev)[:, None]  # (C, 1) rows (past e: padding)
-    row_ok = i < e
-    # Sinks: every row past them reads them. Window range: causal, and in the window or kept (a kept key
-    # that is still in the range is read through it).
-    sink_vis = (sink[None] <= i) & row_ok
-    win_ok = (win >= n_sink) & (win >= 0) & (win < t)
+    sink = torch.arange(n_sink, device=device)
+    win = torch.arange(lo, s0 + c, device=device)
+    win_ok = (win >= n_sink) & (win >= 0) & (win < t)  # sinks are read through their own slots
     winc = win.clamp(0, t - 1)
-    win_vis = (win[None] <= i) & win_ok & row_ok & (i - win[None] < window)
+    sink_kind = torch.where(sink < t, ALWAYS, 0).to(torch.int8)
+    win_kind = torch.where(win_ok, WINDOW, 0).to(torch.int8)
     if keep is None:
-        keys = torch.cat([sink, winc])
-        return keys[None, None], torch.cat([sink_vis, win_vis], -1)[None, None]
-    kept_in_win = keep[..., winc] & win_ok  # (B|1, H_kv|1, W)
-    win_vis = win_vis | ((win[None] <= i) & row_ok & kept_in_win[..., None, :])
+        return torch.cat([sink, winc])[None, None], torch.cat([sink_kind, win_kind])[None, None]
+    # A kept key still in the window range is read through its window slot, by every row from it on.
+    win_kind = torch.where(keep[..., winc] & win_ok, torch.tensor(ALWAYS, dtype=torch.int8, device=device), win_kind)
     n = max(1, min(n_keep, t))  # one spare slot when nothing is kept keeps the shapes simple
-    before = keep & (torch.arange(keep.shape[-1], device=dev) < max(lo, 0))  # kept keys not in the window range
+    before = keep & (torch.arange(keep.shape[-1], device=device) < max(lo, 0))  # kept keys not in the window range
     kidx = before.to(torch.int8).topk(n, dim=-1, sorted=False).indices  # the kept keys first (n >= their count)
-    kvis = before.gather(-1, kidx)[..., None, :] & row_ok  # (B|1, H_kv|1, C, n): every real row reads them
-    lead = kvis.shape[:-2]
+    k_kind = torch.where(before.gather(-1, kidx), ALWAYS, 0).to(torch.int8)
+    lead = k_kind.shape[:-1]
     keys = torch.cat([sink.expand(*lead, -1), winc.expand(*lead, -1), kidx], -1)
-    vis = torch.cat([sink_vis.expand(*lead, -1, -1), win_vis.expand(*lead, -1, -1), kvis], -1)
-    return keys, vis
+    return keys, torch.cat([sink_kind.expand(*lead, -1), win_kind, k_kind], -1)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from pikv_train.cache.compression.base import scoring_logits
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
-from pikv_train.cache.policies.blocks import BlockPlan, row_blocks, window_block
+from pikv_train.cache.policies.blocks import BlockPlan, kind_vis, row_blocks, window_block
 
 NEG = float("-inf")
 
@@ -167,7 +167,7 @@ class ChunkSequentialPolicy(CachePolicy):
         imp = torch.zeros(b, hkv, t, dtype=torch.float64, device=q.device)
         freq = torch.zeros_like(imp)
         last = j.double().expand(b, hkv, t).clone()  # last use; a key counts as used when appended
-        keys_c, vis_c = [], []
+        keys_c, kind_c = [], []
         for ci, s0 in enumerate(starts):
             e = starts[ci + 1] if ci + 1 < n_c else t
             if ci > 0:
@@ -176,12 +176,12 @@ class ChunkSequentialPolicy(CachePolicy):
                 keep = top_n_mask(sc, hh, j.double()) if hh > 0 else torch.zeros_like(keep)
                 out[:, :, ci] = keep
             # The keys rows [s0, e) can read: (B, H_kv, S) slots, (B, H_kv, C, S) visibility (rows past e: none).
-            keys, vis = window_block(keep, s0, e, c, s, r, hh, t, q.device)
+            keys, kind = window_block(keep, s0, c, s, r, hh, t, q.device)
             keys_c.append(keys)
-            vis_c.append(vis)
+            kind_c.append(kind)
             n = e - s0
             rows = torch.arange(s0, e, device=q.device)
-            vis = vis[:, :, :n]
+            vis = kind_vis(keys[:, :, None], kind[:, :, None], rows[:, None], r)  # (B, H_kv, n, S)
             if prior is not None:
                 pr = prior[..., s0:e, :].expand(b, hkv, n, t)
                 vis = vis & pr.gather(-1, keys[:, :, None].expand(b, hkv, n, -1))
@@ -198,7 +198,7 @@ class ChunkSequentialPolicy(CachePolicy):
                 used = self.used(p) & vis  # (B, H_kv, n, S)
                 freq.scatter_add_(-1, keys, used.sum(2).double())
                 last.scatter_reduce_(-1, keys, torch.where(used, rows[:, None].double(), -1.0).amax(2), "amax")
-        plan = BlockPlan(row_blocks(starts, t, c, q.device), torch.stack(keys_c, 2), torch.stack(vis_c, 2))
+        plan = BlockPlan(row_blocks(starts, t, c, q.device), torch.stack(keys_c, 2), torch.stack(kind_c, 2), window=r)
         return out, (s, r, hh, c), plan
 
     def block_plan(self, q, k, ctx, budget):

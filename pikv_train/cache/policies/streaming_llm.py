@@ -57,10 +57,10 @@ class StreamingLLMScheduler(CachePolicy):
         t = q.shape[2]
         c = min(self.block_rows, t)
         starts = list(range(0, t, c))
-        parts = [window_block(None, s0, min(s0 + c, t), c, s, w, 0, t, q.device) for s0 in starts]
+        parts = [window_block(None, s0, c, s, w, 0, t, q.device) for s0 in starts]
         keys = torch.stack([p[0] for p in parts], 2)  # (1, 1, nB, S)
-        vis = torch.stack([p[1] for p in parts], 2)  # (1, 1, nB, C, S)
-        return BlockPlan(row_blocks(starts, t, c, q.device), keys, vis)
+        kind = torch.stack([p[1] for p in parts], 2)
+        return BlockPlan(row_blocks(starts, t, c, q.device), keys, kind, window=w)
 
     def mask_mod(self, q, k, ctx, budget):
         s, w = sink_window(budget, self.cfg.n_sink)
