@@ -16,6 +16,7 @@ from pikv_train.models import Decoder, ModelConfig
 from pikv_train.models.hooks import AttentionContext
 
 POLICIES = ["streaming_llm", "h2o", "lru", "lru_plus", "ada_kv", "quest"]
+SPARSE = POLICIES + ["duo_attention"]  # DuoAttention with soft gates: its streaming pass runs block-sparse
 REF, T = 40, 50  # sequences past the reference length: chunk boundaries at multiples of 4, then L, L + 4, ...
 
 
@@ -27,6 +28,9 @@ def _policy(name: str, cfg: ModelConfig, use_blocks: bool | None, budget: float 
     pol = build_policy(CacheConfig(policy=name, budget=budget, chunk_size=4, n_sink=2, page_size=4,
                                    quest_dense_layers=1, snap_window=6, snap_kernel=3, reference_len=REF), cfg)
     pol.use_blocks = use_blocks
+    if name == "duo_attention":
+        with torch.no_grad():
+            pol.gates.copy_(torch.tensor([[0.9, 0.2], [0.5, 0.0], [0.3, 0.7]]))  # soft: both passes mix
     return pol
 
 
@@ -44,7 +48,7 @@ def model() -> Decoder:
     return _peaky(Decoder(_cfg()))
 
 
-@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("name", SPARSE)
 def test_block_sparse_attention_equals_the_dense_masked_path_forward_and_backward(model, name, monkeypatch):
     x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(1))
     calls = []
@@ -56,7 +60,7 @@ def test_block_sparse_attention_equals_the_dense_masked_path_forward_and_backwar
         out = model(x)
         (out.hidden * torch.linspace(-1, 1, out.hidden.shape[-1])).sum().backward()
         got[use] = (out.hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
-                    {k: float(v) for k, v in out.stats.items()})
+                    {k: float(torch.as_tensor(v).detach()) for k, v in out.stats.items()})
     assert len(calls) == (2 if name == "quest" else 3)  # every policy layer ran block-sparse (Quest: 1 dense layer)
     (h0, g0, s0), (h1, g1, s1) = got[False], got[None]
     scale = float(h0.abs().max())

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, _sdpa
-from pikv_train.cache.policies.streaming_llm import sink_window, streaming_mask, streaming_step
+from pikv_train.cache.policies.streaming_llm import sink_window, streaming_mask, streaming_plan, streaming_step
 from pikv_train.errors import ConfigError
 
 
@@ -122,6 +122,11 @@ class DuoAttentionScheduler(CachePolicy):
             s, w = sink_window(budget, self.cfg.n_sink)
             full = flex_attend(q, k, v, None)
             stream = flex_attend(q, k, v, lambda b, h, qi, ki: (ki < s) | (qi - ki < w))
+        elif self._blocks(q) and mask is None and ctx.versions is None:  # streaming heads block-sparse
+            from pikv_train.cache.policies.blocks import block_attend
+
+            full = _sdpa(q, k, v, None, ctx)
+            stream = block_attend(q, k, v, streaming_plan(t, budget, self.cfg.n_sink, q.device))
         else:
             causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
             base = causal if mask is None else mask & causal

@@ -28,6 +28,18 @@ def streaming_mask(t: int, budget: int, n_sink: int, device) -> torch.Tensor:
     return causal_mask(t, device) & ((j < s) | (i - j < w))
 
 
+def streaming_plan(t: int, budget: int, n_sink: int, device, block_rows: int = 64) -> BlockPlan:
+    """Block-sparse form of :func:`streaming_mask`: blocks of ``block_rows`` rows, each reading its sinks and
+    the window range of its rows (s + W + block_rows - 1 key slots)."""
+    s, w = sink_window(budget, n_sink)
+    c = min(block_rows, t)
+    starts = list(range(0, t, c))
+    parts = [window_block(None, s0, c, s, w, 0, t, device) for s0 in starts]
+    keys = torch.stack([p[0] for p in parts], 2)  # (1, 1, nB, S)
+    kind = torch.stack([p[1] for p in parts], 2)
+    return BlockPlan(row_blocks(starts, t, c, device), keys, kind, window=w)
+
+
 class StreamingLLMCache(PolicyCache):
     def _step(self, layer_idx, h, st, q, k_all, p_all, n_old):
         s, w = sink_window(self.budget, self.policy.cfg.n_sink)
@@ -49,18 +61,8 @@ class StreamingLLMScheduler(CachePolicy):
     def mask(self, q, k, ctx, budget):
         return streaming_mask(q.shape[2], budget, self.cfg.n_sink, q.device)[None, None]
 
-    block_rows = 64
-    """Rows per block of the block-sparse path: each block reads s + W + 63 keys (its rows' windows overlap)."""
-
     def block_plan(self, q, k, ctx, budget):
-        s, w = sink_window(budget, self.cfg.n_sink)
-        t = q.shape[2]
-        c = min(self.block_rows, t)
-        starts = list(range(0, t, c))
-        parts = [window_block(None, s0, c, s, w, 0, t, q.device) for s0 in starts]
-        keys = torch.stack([p[0] for p in parts], 2)  # (1, 1, nB, S)
-        kind = torch.stack([p[1] for p in parts], 2)
-        return BlockPlan(row_blocks(starts, t, c, q.device), keys, kind, window=w)
+        return streaming_plan(q.shape[2], budget, self.cfg.n_sink, q.device)
 
     def mask_mod(self, q, k, ctx, budget):
         s, w = sink_window(budget, self.cfg.n_sink)
