@@ -97,6 +97,7 @@ def test_generate_with_policy_cache_factory_and_batched_padding():
 def test_flexattention_block_mask_path_equals_sdpa_mask_path(name):
     model, pol = _model("nano", name, **{**EXACT.get(name, dict(budget=12, chunk_size=4)), "quest_dense_layers": 0})
     x = torch.randint(0, 258, (1, 32))
+    pol.use_blocks = False  # the reference: SDPA over the dense (T, T) mask
     ref = model(x).hidden
     pol.use_flex = True  # the CUDA path, run eagerly on CPU (no backward there)
     with torch.no_grad(), warnings.catch_warnings():

@@ -163,6 +163,7 @@ def test_budget_covering_the_reference_length_skips_the_policy_with_one_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pol.training_mask(q, k, ctx) is None  # warned once
+    assert "policy_block_plan" not in ctx.scratch  # skipped: no block-sparse plan either
     assert float(ctx.stats["cache/kept_fraction"]) == 1.0
 
 

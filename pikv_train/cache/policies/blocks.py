@@ -36,7 +36,9 @@ class BlockPlan:
     the backward, so nothing of size (T, S) is kept: visibility is rebuilt per group of blocks).
 
     rows: (nB, C) long, the row of each block slot (-1: padding, when a block is shorter than C).
-    keys: (B|1, H_kv|1, nB, S) long, the key index of each key slot (any index where unused; >= T is never read).
+    keys: (B|1, H_kv|1, nB, S) long, the key index of each key slot (any index where unused; >= T is never read);
+        or None with ``page_ids`` (Quest): (B, H_kv, nB, U) long pages, slot u * page + r holding key
+        page_ids[u] * page + r (see :meth:`block_keys`).
     kind: (B|1, H_kv|1, nB, S) int8 per key slot: 0 unused, ALWAYS (read by every row j <= i), WINDOW (read by
         rows with 0 <= i - j < ``window``); or None with ``page_sel``.
     page_sel: (B|1, H_kv|1, nB, C, U) bool, Quest: row slot reads the block's u-th page (key slots
@@ -44,16 +46,29 @@ class BlockPlan:
     """
 
     rows: Tensor
-    keys: Tensor
+    keys: Tensor | None
     kind: Tensor | None = None
     window: int = 0
     page_sel: Tensor | None = None
     page: int = 1
+    page_ids: Tensor | None = None
+
+    @property
+    def n_slots(self) -> int:
+        """S, key slots per block."""
+        return self.keys.shape[-1] if self.keys is not None else self.page_ids.shape[-1] * self.page
+
+    def block_keys(self, lo: int = 0, hi: int | None = None) -> Tensor:
+        """(B|1, H_kv|1, n, S) long key index of each slot of blocks [lo, hi)."""
+        if self.keys is not None:
+            return self.keys[..., lo:hi, :]
+        pages = self.page_ids[..., lo:hi, :, None]
+        return (pages * self.page + torch.arange(self.page, device=pages.device)).flatten(-2)
 
     def block_vis(self, lo: int = 0, hi: int | None = None) -> Tensor:
         """(B|1, H_kv|1, n, C, S) bool visibility of blocks [lo, hi) (False for unused and duplicate slots)."""
         r = self.rows[lo:hi, :, None]  # (n, C, 1)
-        j = self.keys[..., lo:hi, None, :]  # (.., n, 1, S)
+        j = self.block_keys(lo, hi)[..., None, :]  # (.., n, 1, S)
         if self.kind is not None:
             return kind_vis(j, self.kind[..., lo:hi, None, :], r, self.window) & (r >= 0)
         return (j <= r) & (r >= 0) & self.page_sel[..., lo:hi, :, :].repeat_interleave(self.page, -1)
@@ -74,10 +89,10 @@ class BlockPlan:
     def dense(self, b: int, hkv: int, t: int) -> Tensor:
         """(B, H_kv, T, T) bool: the same visibility as a dense mask (only where one is needed anyway)."""
         nb, c = self.rows.shape
-        s = self.keys.shape[-1]
+        s = self.n_slots
         vis = self.block_vis().expand(b, hkv, nb, c, s)
         out = torch.zeros(b, hkv, nb * c, t + 1, dtype=torch.bool, device=vis.device)
-        keys = self.keys.expand(b, hkv, nb, s)[:, :, :, None].expand(b, hkv, nb, c, s)
+        keys = self.block_keys().expand(b, hkv, nb, s)[:, :, :, None].expand(b, hkv, nb, c, s)
         keys = torch.where(vis, keys, t)  # unused slots to the spare column
         out.scatter_(-1, keys.reshape(b, hkv, nb * c, s), True)
         return out[..., :t].index_select(2, self.slot_of_row(t))
@@ -104,7 +119,8 @@ def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: in
     b, h, t, hd = q.shape
     hkv = k.shape[1]
     nb, c = plan.rows.shape
-    per_block = b * h * c * plan.keys.shape[-1]
+    # Per block: g·C scores per key slot and head, plus the gathered keys and values (2·hd per slot).
+    per_block = b * hkv * plan.n_slots * (h // hkv * c + 2 * hd)
     step = max(1, max_elems // max(per_block, 1))
     ys = []
     for i in range(0, nb, step):
@@ -118,7 +134,7 @@ def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: in
 
 def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, lo: int, hi: int) -> Tensor:
     """(B, H, n * C, hd) outputs of the plan's blocks [lo, hi)."""
-    rows, keys, vis = plan.rows[lo:hi], plan.keys[:, :, lo:hi], plan.block_vis(lo, hi)
+    rows, keys, vis = plan.rows[lo:hi], plan.block_keys(lo, hi), plan.block_vis(lo, hi)
     b, h, t, hd = q.shape
     hkv = k.shape[1]
     g = h // hkv
@@ -155,6 +171,7 @@ def window_block(keep: Tensor | None, s0: int, c: int, n_sink: int, window: int,
     win_ok = (win >= n_sink) & (win >= 0) & (win < t)  # sinks are read through their own slots
     winc = win.clamp(0, t - 1)
     sink_kind = torch.where(sink < t, ALWAYS, 0).to(torch.int8)
+    sink = sink.clamp_max(t - 1)  # T < n_sink: the missing sinks are unused slots, indices kept in range
     win_kind = torch.where(win_ok, WINDOW, 0).to(torch.int8)
     if keep is None:
         return torch.cat([sink, winc])[None, None], torch.cat([sink_kind, win_kind])[None, None]

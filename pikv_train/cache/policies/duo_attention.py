@@ -78,9 +78,9 @@ class DuoAttentionScheduler(CachePolicy):
 
     def mask(self, q, k, ctx, budget):
         t = q.shape[2]
-        stream = streaming_mask(t, budget, self.cfg.n_sink, q.device)  # (T, T)
         if not self._hard():
             return None  # soft gates: both passes, in ``attend``
+        stream = streaming_mask(t, budget, self.cfg.n_sink, q.device)  # (T, T)
         full = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         retr = self.hard_gates()[ctx.layer_idx].to(q.device)  # (H_kv,)
         return torch.where(retr[:, None, None], full, stream)[None]  # (1, H_kv, T, T)
@@ -106,7 +106,7 @@ class DuoAttentionScheduler(CachePolicy):
     def log_stats(self, ctx, vis, budget, k):
         if not self._hard():  # soft gates: report the streaming heads' view, on every device
             b, hkv, t, _ = k.shape
-            vis = streaming_mask(t, budget, self.cfg.n_sink, k.device).sum(-1).expand(b, hkv, t)
+            vis = streaming_plan(t, budget, self.cfg.n_sink, k.device).counts(b, hkv, t)  # no (T, T) mask
         super().log_stats(ctx, vis, budget, k)
 
     def attend(self, q, k, v, mask, ctx):

@@ -165,11 +165,11 @@ class QuestScheduler(CachePolicy):
         n_u = int(union.sum(-1).max())
         pages = union.to(torch.int8).topk(n_u, dim=-1, sorted=False).indices  # (B, H_kv, nB, U)
         used = union.gather(-1, pages)
-        j = (pages[..., None] * page + torch.arange(page, device=q.device)).flatten(-2)  # (B, H_kv, nB, U * page)
         rows = torch.arange(n_b * c, device=q.device).view(n_b, c)
-        # Row i reads key j of page u when it selected that page (its own page included) and j <= i.
+        # Row i reads key j of page u when it selected that page (its own page included) and j <= i; the key
+        # slots are the pages' keys (block_keys), those past T never read.
         reads = sel_rows.gather(-1, pages[:, :, :, None].expand(-1, -1, -1, c, -1)) & used[:, :, :, None]
-        return BlockPlan(torch.where(rows < t, rows, -1), j, page_sel=reads, page=page)  # keys >= T: never read
+        return BlockPlan(torch.where(rows < t, rows, -1), None, page_sel=reads, page=page, page_ids=pages)
 
     def mask_mod(self, q, k, ctx, budget):
         if ctx.layer_idx < self.cfg.quest_dense_layers:
