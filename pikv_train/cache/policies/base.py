@@ -81,7 +81,8 @@ class CachePolicy(AttentionHook):
         self.reference_len: int | None = cfg.reference_len or getattr(model_cfg, "max_seq_len", None)
         self.use_flex: bool | None = None  # None: FlexAttention on CUDA, SDPA elsewhere
         # None: block-sparse attention where FlexAttention does not run and the policy has a block plan;
-        # False: the dense (T, T) boolean mask (the reference the block path is tested against).
+        # False: the dense (T, T) boolean mask (the reference the block path is tested against). FlexAttention
+        # is checked first: on CUDA set use_flex = False as well to run the block-sparse path.
         self.use_blocks: bool | None = None
         self._warned_inert = False
         from pikv_train.cache.compression import build_compressor
