@@ -112,9 +112,10 @@ def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: in
 
     Every (sequence, kv-head, block) is one SDPA batch entry: the g = H / H_kv query heads of the kv-head attend
     as g heads over one gathered key head (GQA), with one (C, S) mask broadcast over them, so nothing is
-    expanded g times. Blocks run in groups of at most ``max_elems`` (row, key) scores; with gradients each group
-    is checkpointed (its gathered keys and mask are rebuilt in the backward), so the memory kept for the backward
-    is the output alone and the temporaries are one group's, whatever T is.
+    expanded g times. Blocks run in groups of at most ``max_elems`` elements (scores plus gathered keys and
+    values); with gradients each group is checkpointed (its gathered keys and mask are rebuilt in the backward),
+    so the memory kept for the backward is the output and the compact plan, and the temporaries are one group's,
+    whatever T is.
     """
     b, h, t, hd = q.shape
     hkv = k.shape[1]
