@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pikv_train.cache.compression.base import scoring_logits
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
-from pikv_train.cache.policies.blocks import BlockPlan, row_blocks, window_block
+from pikv_train.cache.policies.blocks import true_indices, window_plan
 
 
 def _pool(x, kernel):
@@ -135,8 +135,7 @@ class AdaKVScheduler(CachePolicy):
             cand = keep | ((j >= s0 - w) & (j < self.chunk_end(s0, c) - w))  # previous selection + keys leaving the window
             # Stored at s0: the window range [lo, s0) and the selection before it, (B, H_kv, S) slots.
             old = keep & (j < lo)
-            n_old = int(old.sum(-1).max())
-            kidx = old.to(torch.int8).topk(max(n_old, 1), dim=-1, sorted=False).indices
+            kidx = true_indices(old, int(old.sum(-1).max()))
             keys = torch.cat([j[lo:s0].expand(b, hkv, -1), kidx], -1)
             stored = torch.cat([torch.ones(b, hkv, s0 - lo, dtype=torch.bool, device=q.device),
                                 old.gather(-1, kidx)], -1)
@@ -165,9 +164,7 @@ class AdaKVScheduler(CachePolicy):
         # Slots for the kept keys before each chunk's window range: the largest head's count over all chunks.
         lo = torch.tensor(starts, device=q.device)[:, None] - w + 1  # (nC, 1)
         n_keep = int((keep_c & (j < lo)).sum(-1).max())
-        parts = [window_block(keep_c[:, :, ci], s0, c, 0, w, n_keep, t, q.device) for ci, s0 in enumerate(starts)]
-        return BlockPlan(row_blocks(starts, t, c, q.device), torch.stack([p[0] for p in parts], 2),
-                         torch.stack([p[1] for p in parts], 2), window=w)
+        return window_plan(starts, t, c, keep_c, 0, w, n_keep, q.device)
 
     def mask(self, q, k, ctx, budget):
         t = q.shape[2]

@@ -98,6 +98,22 @@ class BlockPlan:
         return out[..., :t].index_select(2, self.slot_of_row(t))
 
 
+def true_indices(mask: Tensor, n: int) -> Tensor:
+    """(..., max(n, 1)) long indices of the True entries of ``mask`` (..., T) first (n >= their count per row);
+    the rest point at arbitrary False entries, so callers mark them unused with ``mask.gather(-1, idx)``."""
+    return mask.to(torch.int8).topk(max(1, min(n, mask.shape[-1])), dim=-1, sorted=False).indices
+
+
+def window_plan(starts: list[int], t: int, c: int, keep_c: Tensor | None, n_sink: int, window: int, n_keep: int,
+                device) -> BlockPlan:
+    """The plan of blocks starting at ``starts`` (C rows each) that read ``sinks ∪ window ∪ keep_c[:, :, block]``
+    (keep_c (B|1, H_kv|1, nB, T) bool or None), built with :func:`window_block`."""
+    parts = [window_block(None if keep_c is None else keep_c[:, :, i], s0, c, n_sink, window, n_keep, t, device)
+             for i, s0 in enumerate(starts)]
+    return BlockPlan(row_blocks(starts, t, c, device), torch.stack([p[0] for p in parts], 2),
+                     torch.stack([p[1] for p in parts], 2), window=window)
+
+
 def row_blocks(starts: list[int], t: int, c: int, device) -> Tensor:
     """(nB, C) long rows of blocks starting at ``starts`` (each up to the next start or T), -1 padded."""
     bounds = starts[1:] + [t]
@@ -178,9 +194,8 @@ def window_block(keep: Tensor | None, s0: int, c: int, n_sink: int, window: int,
         return torch.cat([sink, winc])[None, None], torch.cat([sink_kind, win_kind])[None, None]
     # A kept key still in the window range is read through its window slot, by every row from it on.
     win_kind = torch.where(keep[..., winc] & win_ok, torch.tensor(ALWAYS, dtype=torch.int8, device=device), win_kind)
-    n = max(1, min(n_keep, t))  # one spare slot when nothing is kept keeps the shapes simple
     before = keep & (torch.arange(keep.shape[-1], device=device) < max(lo, 0))  # kept keys not in the window range
-    kidx = before.to(torch.int8).topk(n, dim=-1, sorted=False).indices  # the kept keys first (n >= their count)
+    kidx = true_indices(before, n_keep)  # one spare slot when nothing is kept keeps the shapes simple
     k_kind = torch.where(before.gather(-1, kidx), ALWAYS, 0).to(torch.int8)
     lead = k_kind.shape[:-1]
     keys = torch.cat([sink.expand(*lead, -1), winc.expand(*lead, -1), kidx], -1)

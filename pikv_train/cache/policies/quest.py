@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
-from pikv_train.cache.policies.blocks import BlockPlan
+from pikv_train.cache.policies.blocks import BlockPlan, true_indices
 from pikv_train.errors import ConfigError
 
 
@@ -163,7 +163,7 @@ class QuestScheduler(CachePolicy):
         sel_rows = F.pad(sel, (0, 0, 0, n_b * c - t)).view(b, hkv, n_b, c, n_p)  # (B, H_kv, nB, C, nP)
         union = sel_rows.any(3)  # (B, H_kv, nB, nP)
         n_u = int(union.sum(-1).max())
-        pages = union.to(torch.int8).topk(n_u, dim=-1, sorted=False).indices  # (B, H_kv, nB, U)
+        pages = true_indices(union, n_u)  # (B, H_kv, nB, U)
         used = union.gather(-1, pages)
         rows = torch.arange(n_b * c, device=q.device).view(n_b, c)
         # Row i reads key j of page u when it selected that page (its own page included) and j <= i; the key

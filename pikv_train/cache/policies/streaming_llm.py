@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask
-from pikv_train.cache.policies.blocks import BlockPlan, row_blocks, window_block
+from pikv_train.cache.policies.blocks import BlockPlan, window_plan
 
 
 def sink_window(budget: int, n_sink: int) -> tuple[int, int]:
@@ -33,11 +33,7 @@ def streaming_plan(t: int, budget: int, n_sink: int, device, block_rows: int = 6
     the window range of its rows (s + W + block_rows - 1 key slots)."""
     s, w = sink_window(budget, n_sink)
     c = min(block_rows, t)
-    starts = list(range(0, t, c))
-    parts = [window_block(None, s0, c, s, w, 0, t, device) for s0 in starts]
-    keys = torch.stack([p[0] for p in parts], 2)  # (1, 1, nB, S)
-    kind = torch.stack([p[1] for p in parts], 2)
-    return BlockPlan(row_blocks(starts, t, c, device), keys, kind, window=w)
+    return window_plan(list(range(0, t, c)), t, c, None, s, w, 0, device)
 
 
 class StreamingLLMCache(PolicyCache):
