@@ -26,8 +26,12 @@ ALWAYS, WINDOW = 1, 2  # key-slot kinds: read by every row at or after the key; 
 
 
 def kind_vis(j: Tensor, kind: Tensor, i: Tensor, window: int) -> Tensor:
-    """Whether row i reads key slot j of the given kind (broadcasting): causal, and ALWAYS or within the window."""
-    return (j <= i) & ((kind == ALWAYS) | ((kind == WINDOW) & (i - j < window)))
+    """Whether row i reads key slot j of the given kind (broadcasting): 0 <= i - j < limit, the limit being the
+    window for WINDOW slots, any distance for ALWAYS ones and none for unused ones (a lookup by kind); rows -1
+    (padding) read nothing."""
+    lut = torch.tensor([0, 1 << 62, window], dtype=torch.long, device=j.device)  # unused, ALWAYS, WINDOW
+    d = i - j
+    return (d >= 0) & (d < lut[kind.long()])
 
 
 @dataclass
@@ -70,7 +74,7 @@ class BlockPlan:
         r = self.rows[lo:hi, :, None]  # (n, C, 1)
         j = self.block_keys(lo, hi)[..., None, :]  # (.., n, 1, S)
         if self.kind is not None:
-            return kind_vis(j, self.kind[..., lo:hi, None, :], r, self.window) & (r >= 0)
+            return kind_vis(j, self.kind[..., lo:hi, None, :], r, self.window)
         return (j <= r) & (r >= 0) & self.page_sel[..., lo:hi, :, :].repeat_interleave(self.page, -1)
 
     def slot_of_row(self, t: int) -> Tensor:
@@ -107,11 +111,39 @@ def true_indices(mask: Tensor, n: int) -> Tensor:
 def window_plan(starts: list[int], t: int, c: int, keep_c: Tensor | None, n_sink: int, window: int, n_keep: int,
                 device) -> BlockPlan:
     """The plan of blocks starting at ``starts`` (C rows each) that read ``sinks ∪ window ∪ keep_c[:, :, block]``
-    (keep_c (B|1, H_kv|1, nB, T) bool or None), built with :func:`window_block`."""
-    parts = [window_block(None if keep_c is None else keep_c[:, :, i], s0, c, n_sink, window, n_keep, t, device)
-             for i, s0 in enumerate(starts)]
-    return BlockPlan(row_blocks(starts, t, c, device), torch.stack([p[0] for p in parts], 2),
-                     torch.stack([p[1] for p in parts], 2), window=window)
+    (keep_c (B|1, H_kv|1, nB, T) bool or None; at most n_keep kept keys per block before its window range).
+
+    Slots per block: [sinks (n_sink) | the window range [s0 - window + 1, s0 + C) | n_keep kept keys before
+    that range], S = n_sink + window + C - 1 + n_keep; a kept key inside the window range is read through its
+    window slot (turned ALWAYS: every row from the key on reads it). All blocks at once."""
+    s0 = torch.tensor(starts, device=device)
+    sink_k, sink_kind, win_k, win_kind = window_slots(s0, c, n_sink, window, t)
+    rows = row_blocks(starts, t, c, device)
+    if keep_c is None:
+        return BlockPlan(rows, torch.cat([sink_k, win_k], -1)[None, None],
+                         torch.cat([sink_kind, win_kind], -1)[None, None], window=window)
+    lead = keep_c.shape[:2]
+    nb = len(starts)
+    win_kind = torch.where(keep_c.gather(-1, win_k.expand(*lead, -1, -1)) & (win_kind > 0), ALWAYS, win_kind)
+    before = keep_c & (torch.arange(t, device=device) < (s0 - window + 1)[:, None])  # kept, before the window range
+    kidx = true_indices(before, n_keep)  # (B|1, H_kv|1, nB, max(n_keep, 1))
+    k_kind = torch.where(before.gather(-1, kidx), ALWAYS, 0).to(torch.int8)
+    keys = torch.cat([sink_k.expand(*lead, nb, -1), win_k.expand(*lead, nb, -1), kidx], -1)
+    kind = torch.cat([sink_kind.expand(*lead, nb, -1), win_kind.to(torch.int8), k_kind], -1)
+    return BlockPlan(rows, keys, kind, window=window)
+
+
+def window_slots(s0: Tensor, c: int, n_sink: int, window: int, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sink and window-range slots of blocks of rows [s0, s0 + c) (s0 (nB,) long): keys (nB, n_sink) and
+    (nB, window + c - 1) long (clamped into [0, T)) with their kinds (int8: ALWAYS for sinks, WINDOW for window
+    keys past the sinks, 0 for slots outside [0, T), and for sinks when T < n_sink)."""
+    dev = s0.device
+    sink = torch.arange(n_sink, device=dev).expand(len(s0), -1)
+    win = (s0 - window + 1)[:, None] + torch.arange(window + c - 1, device=dev)
+    win_ok = (win >= n_sink) & (win >= 0) & (win < t)  # sinks are read through their own slots
+    sink_kind = torch.where(sink < t, ALWAYS, 0).to(torch.int8)
+    win_kind = torch.where(win_ok, WINDOW, 0).to(torch.int8)
+    return sink.clamp_max(t - 1), sink_kind, win.clamp(0, t - 1), win_kind
 
 
 def row_blocks(starts: list[int], t: int, c: int, device) -> Tensor:
@@ -129,9 +161,10 @@ def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: in
     Every (sequence, kv-head, block) is one SDPA batch entry: the g = H / H_kv query heads of the kv-head attend
     as g heads over one gathered key head (GQA), with one (C, S) mask broadcast over them, so nothing is
     expanded g times. Blocks run in groups of at most ``max_elems`` elements (scores plus gathered keys and
-    values); with gradients each group is checkpointed (its gathered keys and mask are rebuilt in the backward),
-    so the memory kept for the backward is the output and the compact plan, and the temporaries are one group's,
-    whatever T is.
+    values), so the temporaries are one group's, whatever T is. With gradients nothing gathered is kept for the
+    backward: on CPU each group is an autograd function over the flash kernel that keeps its output and
+    log-sum-exp and gathers its keys, values and mask again in the backward (no second forward); elsewhere each
+    group is checkpointed (recomputed in the backward).
     """
     b, h, t, hd = q.shape
     hkv = k.shape[1]
@@ -139,9 +172,12 @@ def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: in
     # Per block: g·C scores per key slot and head, plus the gathered keys and values (2·hd per slot).
     per_block = b * hkv * plan.n_slots * (h // hkv * c + 2 * hd)
     step = max(1, max_elems // max(per_block, 1))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     ys = []
     for i in range(0, nb, step):
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if grad and _cpu_flash(q):
+            ys.append(_BlockFlash.apply(q, k, v, plan, i, i + step))
+        elif grad:
             ys.append(checkpoint(_attend_blocks, q, k, v, plan, i, i + step, use_reentrant=False))
         else:
             ys.append(_attend_blocks(q, k, v, plan, i, i + step))
@@ -149,54 +185,102 @@ def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: in
     return y.index_select(2, plan.slot_of_row(t))
 
 
-def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, lo: int, hi: int) -> Tensor:
-    """(B, H, n * C, hd) outputs of the plan's blocks [lo, hi)."""
+def _cpu_flash(q: Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _gather_blocks(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, lo: int, hi: int):
+    """Blocks [lo, hi) as one SDPA batch: q (N, g, C, hd), k and v (N, 1, S, hd) with N = B·H_kv·n, the
+    additive float mask (N, 1, C, S) (0 where read, -inf elsewhere), and the flat row and key indices
+    (into q viewed (B·H_kv, g, T, hd) rows and k viewed (B·H_kv·T, hd)) the backward scatters through."""
     rows, keys, vis = plan.rows[lo:hi], plan.block_keys(lo, hi), plan.block_vis(lo, hi)
     b, h, t, hd = q.shape
     hkv = k.shape[1]
     g = h // hkv
     n, c = rows.shape
     s = keys.shape[-1]
-    qb = q.view(b, hkv, g, t, hd)[:, :, :, rows.clamp_min(0).flatten()].view(b, hkv, g, n, c, hd)
+    ridx = rows.clamp_min(0).flatten()  # (n·C,) padding rows read row 0 (their outputs are dropped)
+    qb = q.view(b, hkv, g, t, hd).index_select(3, ridx).view(b, hkv, g, n, c, hd)
     qb = qb.permute(0, 1, 3, 2, 4, 5).reshape(b * hkv * n, g, c, hd)
-    idx = keys.clamp_max(t - 1).expand(b, hkv, n, s).reshape(b, hkv, n * s, 1).expand(-1, -1, -1, hd)
-    kb = k.gather(2, idx).view(b * hkv * n, 1, s, hd)
-    vb = v.gather(2, idx).view(b * hkv * n, 1, s, hd)
-    # Padding rows read key slot 0 (any one key keeps their softmax finite; their outputs are dropped).
-    pad = (rows < 0)[:, :, None] & (torch.arange(s, device=q.device) == 0)
-    mask = (vis | pad).expand(b, hkv, n, c, s).reshape(b * hkv * n, 1, c, s)
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=g > 1)  # (B·H_kv·n, g, C, hd)
+    base = (torch.arange(b * hkv, device=q.device) * t).view(b, hkv, 1, 1)
+    kidx = (keys.clamp_max(t - 1) + base).flatten()  # (B·H_kv·n·S,) into the flattened keys
+    kb = k.reshape(b * hkv * t, hd).index_select(0, kidx).view(b * hkv * n, 1, s, hd)
+    vb = v.reshape(b * hkv * t, hd).index_select(0, kidx).view(b * hkv * n, 1, s, hd)
+    mask = torch.where(vis, q.new_zeros(()), q.new_full((), float("-inf")))
+    pad = (rows < 0).nonzero()
+    if len(pad):  # padding rows read key slot 0: any one key keeps their softmax finite (outputs dropped)
+        mask[..., pad[:, 0], pad[:, 1], 0] = 0.0
+    mask = mask.expand(b, hkv, n, c, s).reshape(b * hkv * n, 1, c, s)
+    return qb, kb, vb, mask, ridx, kidx
+
+
+def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, lo: int, hi: int) -> Tensor:
+    """(B, H, n * C, hd) outputs of the plan's blocks [lo, hi)."""
+    qb, kb, vb, mask, _, _ = _gather_blocks(q, k, v, plan, lo, hi)
+    return _ungroup(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=qb.shape[1] > 1), q, k)
+
+
+def _ungroup(y: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """(B·H_kv·n, g, C, hd) -> (B, H, n·C, hd)."""
+    b, h, _, hd = q.shape
+    hkv = k.shape[1]
+    nbh, g, c, _ = y.shape
+    n = nbh // (b * hkv)
     return y.view(b, hkv, n, g, c, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, h, n * c, hd)
 
 
-def window_block(keep: Tensor | None, s0: int, c: int, n_sink: int, window: int, n_keep: int, t: int,
-                 device) -> tuple[Tensor, Tensor]:
-    """Key slots of a block of rows [s0, s0 + c) that read ``sinks ∪ recent window ∪ keep`` (H2O, LRU, LRU+, AdaKV,
-    StreamingLLM): row i reads key j <= i when j < n_sink, i - j < window, or keep[j].
+class _BlockFlash(torch.autograd.Function):
+    """Blocks [lo, hi) through the CPU flash kernel, keeping only the output and log-sum-exp for the backward
+    (the gathered keys, values and mask are rebuilt there: memory O(output), one forward)."""
 
-    The slots are [sinks (n_sink) | the window range [s0 - window + 1, s0 + c) | the n_keep kept keys before
-    that range], S = n_sink + window + c - 1 + n_keep; a key in two parts is read through one of them only.
+    @staticmethod
+    def forward(ctx, q, k, v, plan, lo, hi):
+        qb, kb, vb, mask, _, _ = _gather_blocks(q, k, v, plan, lo, hi)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, False,
+                                                                                attn_mask=mask)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.lo, ctx.hi = plan, lo, hi
+        return _ungroup(out, q, k)
+
+    @staticmethod
+    def backward(ctx, gy):
+        q, k, v, out, lse = ctx.saved_tensors
+        b, h, t, hd = q.shape
+        hkv = k.shape[1]
+        g = h // hkv
+        qb, kb, vb, mask, ridx, kidx = _gather_blocks(q, k, v, ctx.plan, ctx.lo, ctx.hi)
+        nbh, _, c, _ = out.shape
+        n = nbh // (b * hkv)
+        go = gy.reshape(b, hkv, g, n, c, hd).permute(0, 1, 3, 2, 4, 5).reshape(nbh, g, c, hd)
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            go, qb, kb, vb, out, lse, 0.0, False, attn_mask=mask)
+        # Back through the gathers: q rows (padding rows' gradients are zero: their outputs were dropped).
+        gq = gq.view(b, hkv, n, g, c, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, g, n * c, hd)
+        dq = torch.zeros(b, hkv, g, t, hd, dtype=q.dtype, device=q.device).index_add_(3, ridx, gq).view_as(q)
+        dk = torch.zeros(b * hkv * t, hd, dtype=k.dtype, device=k.device).index_add_(0, kidx, gk.reshape(-1, hd))
+        dv = torch.zeros(b * hkv * t, hd, dtype=v.dtype, device=v.device).index_add_(0, kidx, gv.reshape(-1, hd))
+        return dq, dk.view_as(k), dv.view_as(v), None, None, None
+
+
+def window_block_kept(slots: tuple[Tensor, Tensor, Tensor, Tensor], kidx: Tensor, kval: Tensor, lo: int
+                      ) -> tuple[Tensor, Tensor]:
+    """One block's slots (:func:`window_plan`'s layout) with its kept keys given as indices (H2O, LRU, LRU+).
 
     Args:
-        keep: (B|1, H_kv|1, T) bool kept keys (at most n_keep of them before the window range), or None.
-    Returns:
-        keys (B|1, H_kv|1, S) long and kind (B|1, H_kv|1, S) int8 (see :class:`BlockPlan`).
+        slots: the block's row of :func:`window_slots` (sink keys, sink kinds, window keys, window kinds).
+        kidx: (B, H_kv, n_keep) long kept keys, any index where unused; kval: (B, H_kv, n_keep) bool which are
+            kept. Kept keys lie before s0 + C, outside the sinks.
+        lo: the block's first window-range key, s0 - window + 1.
     """
-    lo = s0 - window + 1  # the first key some row of the block sees through the window
-    sink = torch.arange(n_sink, device=device)
-    win = torch.arange(lo, s0 + c, device=device)
-    win_ok = (win >= n_sink) & (win >= 0) & (win < t)  # sinks are read through their own slots
-    winc = win.clamp(0, t - 1)
-    sink_kind = torch.where(sink < t, ALWAYS, 0).to(torch.int8)
-    sink = sink.clamp_max(t - 1)  # T < n_sink: the missing sinks are unused slots, indices kept in range
-    win_kind = torch.where(win_ok, WINDOW, 0).to(torch.int8)
-    if keep is None:
-        return torch.cat([sink, winc])[None, None], torch.cat([sink_kind, win_kind])[None, None]
-    # A kept key still in the window range is read through its window slot, by every row from it on.
-    win_kind = torch.where(keep[..., winc] & win_ok, torch.tensor(ALWAYS, dtype=torch.int8, device=device), win_kind)
-    before = keep & (torch.arange(keep.shape[-1], device=device) < max(lo, 0))  # kept keys not in the window range
-    kidx = true_indices(before, n_keep)  # one spare slot when nothing is kept keeps the shapes simple
-    k_kind = torch.where(before.gather(-1, kidx), ALWAYS, 0).to(torch.int8)
-    lead = k_kind.shape[:-1]
-    keys = torch.cat([sink.expand(*lead, -1), winc.expand(*lead, -1), kidx], -1)
-    return keys, torch.cat([sink_kind.expand(*lead, -1), win_kind, k_kind], -1)
+    sink, sink_kind, winc, win_kind = slots
+    b, hkv, _ = kidx.shape
+    in_win = kval & (kidx >= lo)
+    n_win = winc.shape[0]
+    # Kept keys in the window range turn their window slot ALWAYS (index n_win: a spare column, dropped) and
+    # leave their kept slot unused.
+    win_kind = torch.cat([win_kind, win_kind.new_zeros(1)]).expand(b, hkv, -1).clone()
+    win_kind.scatter_(-1, torch.where(in_win, kidx - lo, n_win), ALWAYS)
+    k_kind = (kval & ~in_win).to(torch.int8)  # ALWAYS == 1
+    keys = torch.cat([sink.expand(b, hkv, -1), winc.expand(b, hkv, -1), kidx], -1)
+    return keys, torch.cat([sink_kind.expand(b, hkv, -1), win_kind[..., :n_win], k_kind], -1)

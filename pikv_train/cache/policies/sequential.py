@@ -31,7 +31,8 @@ from torch import Tensor
 
 from pikv_train.cache.compression.base import scoring_logits
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
-from pikv_train.cache.policies.blocks import BlockPlan, kind_vis, row_blocks, window_block
+from pikv_train.cache.policies.blocks import (BlockPlan, kind_vis, row_blocks, true_indices, window_block_kept,
+                                              window_slots)
 
 NEG = float("-inf")
 
@@ -141,13 +142,15 @@ class ChunkSequentialPolicy(CachePolicy):
 
     @torch.no_grad()
     def keep_per_chunk(self, q: Tensor, k: Tensor, budget: int, prior: Tensor | None = None,
-                       versions=None) -> tuple[Tensor, tuple, BlockPlan]:
-        """The chunk-sequential pass (module docstring): keep_c (B, H_kv, nC, T) bool, the sizes, and the block
-        plan of the keys each chunk's rows read (blocks.py).
+                       versions=None, dense_keep: bool = True) -> tuple[Tensor | None, tuple, BlockPlan]:
+        """The chunk-sequential pass (module docstring): keep_c (B, H_kv, nC, T) bool (None unless
+        ``dense_keep``), the sizes, and the block plan of the keys each chunk's rows read (blocks.py).
 
         Each chunk's rows score over exactly the keys they can read, gathered to S = s + R + C - 1 + H slots
         (sinks, the recent-window range, the kept keys), so the pass costs O(T·budget), not O(T²); the same
-        gathering is the plan the block-sparse attention then runs with gradients.
+        gathering is the plan the block-sparse attention then runs with gradients. The kept set is carried as
+        H indices, and each boundary ranks only its H + C candidates (the kept keys and the keys leaving the
+        window), so no step touches all T keys but the statistics' scatter.
 
         Args:
             q: (B, H, T, hd) rotated queries; k: (B, H_kv, T, hd) rotated keys.
@@ -157,52 +160,64 @@ class ChunkSequentialPolicy(CachePolicy):
         b, h, t, hd = q.shape
         hkv, g = k.shape[1], h // k.shape[1]
         s, r, hh, c = self.sizes(budget)
-        qd = q.double().view(b, hkv, g, t, hd) / math.sqrt(hd)
+        dev = q.device
+        # (B, H_kv, T, g, hd): a chunk's rows of all g query heads are one contiguous (n·g, hd) matrix.
+        qd = (q.double() / math.sqrt(hd)).view(b, hkv, g, t, hd).transpose(2, 3).contiguous()
         kd = k.double()
-        j = torch.arange(t, device=q.device)
+        j = torch.arange(t, device=dev)
         starts = self.chunk_starts(t, c)
         n_c = len(starts)
-        keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=q.device)
-        out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=q.device)
-        imp = torch.zeros(b, hkv, t, dtype=torch.float64, device=q.device)
+        n_keep = max(hh, 1)  # one unused slot when nothing is kept keeps the shapes simple
+        kidx = torch.zeros(b, hkv, n_keep, dtype=torch.long, device=dev)  # the kept keys (any index where unused)
+        kval = torch.zeros(b, hkv, n_keep, dtype=torch.bool, device=dev)
+        out = torch.zeros(b, hkv, n_c, t + 1, dtype=torch.bool, device=dev) if dense_keep else None
+        imp = torch.zeros(b, hkv, t, dtype=torch.float64, device=dev)
         freq = torch.zeros_like(imp)
         last = j.double().expand(b, hkv, t).clone()  # last use; a key counts as used when appended
         keys_c, kind_c = [], []
+        slots = window_slots(torch.tensor(starts, device=dev), c, s, r, t)  # sinks and window ranges, all chunks
         for ci, s0 in enumerate(starts):
             e = starts[ci + 1] if ci + 1 < n_c else t
             if ci > 0:
-                cand = (keep | ((j >= s0 - r) & (j < self.chunk_end(s0, c) - r))) & (j >= s)
-                sc = self.score(imp, freq, last, j, s0, cand).masked_fill(~cand, NEG)
-                keep = top_n_mask(sc, hh, j.double()) if hh > 0 else torch.zeros_like(keep)
-                out[:, :, ci] = keep
-            # The keys rows [s0, e) can read: (B, H_kv, S) slots, (B, H_kv, C, S) visibility (rows past e: none).
-            keys, kind = window_block(keep, s0, c, s, r, hh, t, q.device)
+                # Candidates: the kept keys and the keys leaving the window (disjoint: kept keys left it before).
+                leave = j[max(s0 - r, s): max(self.chunk_end(s0, c) - r, s)]
+                cidx = torch.cat([kidx, leave.expand(b, hkv, -1)], -1)  # (B, H_kv, H + n_leave)
+                cval = torch.cat([kval, torch.ones(b, hkv, len(leave), dtype=torch.bool, device=dev)], -1)
+                if hh > 0:
+                    sc = self.score(imp.gather(-1, cidx), freq.gather(-1, cidx), last.gather(-1, cidx), cidx, s0, cval)
+                    sel = top_n_mask(sc.masked_fill(~cval, NEG), hh, cidx.double())
+                    pick = true_indices(sel, n_keep)
+                    kidx, kval = cidx.gather(-1, pick), sel.gather(-1, pick)
+                if out is not None:
+                    out[:, :, ci].scatter_(-1, torch.where(kval, kidx, t), True)
+            # The keys rows [s0, e) can read: (B, H_kv, S) slots, (B, H_kv, n, S) visibility.
+            keys, kind = window_block_kept([x[ci] for x in slots], kidx, kval, s0 - r + 1)
             keys_c.append(keys)
             kind_c.append(kind)
             n = e - s0
-            rows = torch.arange(s0, e, device=q.device)
+            rows = j[s0:e]
             vis = kind_vis(keys[:, :, None], kind[:, :, None], rows[:, None], r)  # (B, H_kv, n, S)
             if prior is not None:
                 pr = prior[..., s0:e, :].expand(b, hkv, n, t)
                 vis = vis & pr.gather(-1, keys[:, :, None].expand(b, hkv, n, -1))
-            idx = keys[:, :, None, None].expand(b, hkv, g, n, -1)  # (B, H_kv, g, n, S)
             if versions is None:
                 kg = kd.gather(2, keys[..., None].expand(-1, -1, -1, hd))  # (B, H_kv, S, hd)
-                logits = qd[:, :, :, s0:e] @ kg[:, :, None].transpose(-1, -2)
+                logits = (qd[:, :, s0:e].reshape(b, hkv, n * g, hd) @ kg.transpose(-1, -2)).view(b, hkv, n, g, -1)
             else:  # the keys as each row reads them (stored forms), then the same slots
-                logits = scoring_logits(versions, qd[:, :, :, s0:e], kd[:, :, None], rows,
-                                        lambda x: x.double()[:, :, None]).gather(-1, idx)
-            p = logits.masked_fill(~vis[:, :, None], NEG).softmax(-1).mean(2)  # (B, H_kv, n, S)
+                idx = keys[:, :, None, None].expand(b, hkv, g, n, -1)  # (B, H_kv, g, n, S)
+                logits = scoring_logits(versions, qd[:, :, s0:e].transpose(2, 3), kd[:, :, None], rows,
+                                        lambda x: x.double()[:, :, None]).gather(-1, idx).transpose(2, 3)
+            p = logits.masked_fill(~vis[:, :, :, None], NEG).softmax(-1).mean(3)  # (B, H_kv, n, S)
             imp.scatter_add_(-1, keys, p.sum(2))
             if self.uses_use_signal:
                 used = self.used(p) & vis  # (B, H_kv, n, S)
                 freq.scatter_add_(-1, keys, used.sum(2).double())
                 last.scatter_reduce_(-1, keys, torch.where(used, rows[:, None].double(), -1.0).amax(2), "amax")
-        plan = BlockPlan(row_blocks(starts, t, c, q.device), torch.stack(keys_c, 2), torch.stack(kind_c, 2), window=r)
-        return out, (s, r, hh, c), plan
+        plan = BlockPlan(row_blocks(starts, t, c, dev), torch.stack(keys_c, 2), torch.stack(kind_c, 2), window=r)
+        return (None if out is None else out[..., :t]), (s, r, hh, c), plan
 
     def block_plan(self, q, k, ctx, budget):
-        return self.keep_per_chunk(q, k, budget)[2]
+        return self.keep_per_chunk(q, k, budget, dense_keep=False)[2]
 
     def _mask(self, keep_c: Tensor, sizes: tuple, t: int, device) -> Tensor:
         s, r, _, c = sizes
