@@ -152,3 +152,33 @@ def test_blocks_attended_in_several_checkpointed_groups_give_the_same_outputs_an
     assert plan.rows.shape[0] > 2
     for a, b in zip(*got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+
+
+def test_cpu_flash_function_equals_checkpointed_sdpa_with_padding_rows_and_groups(monkeypatch):
+    """On CPU the blocks run as one autograd function over the flash kernel (no second forward in the backward);
+    it equals the checkpointed SDPA path other devices take, with padding rows (the last block is short: their
+    outputs are dropped, and nothing flows back to row 0 through them) and several groups."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, h, T, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    pol = _policy("lru_plus", _cfg(), None)
+    plan = pol.block_plan(q.detach() * 4, k.detach() * 4, AttentionContext(2, torch.arange(T).expand(2, T)),
+                          pol.budget_tokens())
+    assert (plan.rows < 0).any()  # padding rows exist
+    w = torch.randn(2, 4, T, 8, generator=g)
+    got = {}
+    for flash in (True, False):
+        monkeypatch.setattr(blocks, "_cpu_flash", lambda q, flash=flash: flash)
+        for max_elems in (1 << 30, 500):
+            y = blocks.block_attend(q, k, v, plan, max_elems=max_elems)
+            names, todo = set(), [y.grad_fn]
+            while todo:
+                fn = todo.pop()
+                if fn is not None:
+                    names.add(type(fn).__name__)
+                    todo += [f for f, _ in fn.next_functions]
+            assert ("_BlockFlashBackward" in names) == flash
+            got[flash, max_elems] = (y.detach(), *torch.autograd.grad((y * w).sum(), (q, k, v)))
+    ref = got[False, 1 << 30]
+    for key, val in got.items():
+        for a, b in zip(ref, val):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))

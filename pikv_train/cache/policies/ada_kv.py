@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pikv_train.cache.compression.base import scoring_logits
 from pikv_train.cache.policies.base import CachePolicy, PolicyCache, causal_mask, top_n_mask
-from pikv_train.cache.policies.blocks import true_indices, window_plan
+from pikv_train.cache.policies.blocks import window_plan
 
 
 def _pool(x, kernel):
@@ -113,66 +113,79 @@ class AdaKVScheduler(CachePolicy):
         return w, hh, self.capped_chunk(w), max(0, int(self.cfg.ada_alpha * budget) - w)
 
     @torch.no_grad()
-    def keep_per_chunk(self, q, k, budget, versions=None):
-        """keep_c (B, H_kv, nC, T): the selection of each chunk, and (w, c). Scores at boundary s0 use the keys as
-        the cache holds them when row s0 arrives (``versions``: a versioned compressor's stored forms at s0).
+    def keep_per_chunk(self, q, k, budget, versions=None, dense_keep: bool = True):
+        """keep_c (B, H_kv, nC, T) bool, the selection of each chunk (None unless ``dense_keep``), (w, c), and
+        the block plan of the keys each chunk's rows read. Scores at boundary s0 use the keys as the cache holds
+        them when row s0 arrives (``versions``: a versioned compressor's stored forms at s0).
 
-        The window rows score only the keys stored at s0 (the window range and the previous selection),
-        gathered to the largest head's count, so the pass costs O(T·budget), not O(T²)."""
+        The selection is carried as key indices per head (padded to the largest head's count). The window
+        rows score only the keys stored at s0 (the window range and the previous selection), and only the
+        candidates (the selection plus the keys leaving the window) are pooled and ranked, so the pass costs
+        O(T·budget), not O(T²)."""
         b, hkv, t, hd = k.shape
         g = q.shape[1] // hkv
         w, hh, c, floor = self.sizes(budget)
+        dev = q.device
         starts = self.chunk_starts(t, c)
         n_c = len(starts)
         qg = q.double().view(b, hkv, g, t, hd)
         kd = k.double()
-        j = torch.arange(t, device=q.device)
-        keep = torch.zeros(b, hkv, t, dtype=torch.bool, device=q.device)
-        out = torch.zeros(b, hkv, n_c, t, dtype=torch.bool, device=q.device)
+        j = torch.arange(t, device=dev)
+        half = self.cfg.snap_kernel // 2
+        taps = torch.arange(self.cfg.snap_kernel, device=dev) - half  # max_pool1d's window around each key
+        kidx = torch.zeros(b, hkv, 1, dtype=torch.long, device=dev)  # the selection (any index where unused)
+        kval = torch.zeros(b, hkv, 1, dtype=torch.bool, device=dev)
+        out = torch.zeros(b, hkv, n_c, t + 1, dtype=torch.bool, device=dev) if dense_keep else None
+        kept = [(kidx, kval)]
         for ci in range(1, n_c):
             s0 = starts[ci]
             lo = max(0, s0 - w)
-            cand = keep | ((j >= s0 - w) & (j < self.chunk_end(s0, c) - w))  # previous selection + keys leaving the window
-            # Stored at s0: the window range [lo, s0) and the selection before it, (B, H_kv, S) slots.
-            old = keep & (j < lo)
-            kidx = true_indices(old, int(old.sum(-1).max()))
+            # Stored at s0: the window range [lo, s0) and the selection (all of it before lo), (B, H_kv, S) slots.
             keys = torch.cat([j[lo:s0].expand(b, hkv, -1), kidx], -1)
-            stored = torch.cat([torch.ones(b, hkv, s0 - lo, dtype=torch.bool, device=q.device),
-                                old.gather(-1, kidx)], -1)
+            stored = torch.cat([torch.ones(b, hkv, s0 - lo, dtype=torch.bool, device=dev), kval], -1)
             wr = j[lo:s0]
-            at_s0 = torch.full_like(wr, s0)  # every window row scores the keys as stored at the boundary
             idx = keys[:, :, None, None].expand(b, hkv, g, len(wr), -1)
             if versions is None:
                 kg = kd.gather(2, keys[..., None].expand(-1, -1, -1, hd))[:, :, None]  # (B, H_kv, 1, S, hd)
-                logits = qg[:, :, :, wr] @ kg.transpose(-1, -2) / math.sqrt(hd)  # (B, H_kv, g, nw, S)
-            else:
-                logits = scoring_logits(versions, qg[:, :, :, wr], kd[:, :, None], at_s0,
+                logits = qg[:, :, :, lo:s0] @ kg.transpose(-1, -2) / math.sqrt(hd)  # (B, H_kv, g, nw, S)
+            else:  # every window row scores the keys as stored at the boundary
+                logits = scoring_logits(versions, qg[:, :, :, wr], kd[:, :, None], torch.full_like(wr, s0),
                                         lambda x: x.double()[:, :, None]).gather(-1, idx) / math.sqrt(hd)
             vis = stored[:, :, None, None, :] & (keys[:, :, None, None, :] <= wr[:, None])
             p = logits.masked_fill(~vis, float("-inf")).softmax(-1).mean(2).sum(2)  # (B, H_kv, S)
-            grid = torch.zeros(b, hkv, t, dtype=torch.float64, device=q.device).scatter_add_(-1, keys, p)
-            sc = _pool(grid, self.cfg.snap_kernel).masked_fill(~cand, float("-inf"))
-            keep = ada_select(sc, floor, hkv * hh, j.double())
-            out[:, :, ci] = keep
-        return out, (w, c)
+            grid = torch.zeros(b, hkv, t, dtype=torch.float64, device=dev).scatter_add_(-1, keys, p)
+            # Candidates: the selection and the keys leaving the window (disjoint), scored max-pooled.
+            cidx = torch.cat([kidx, j[max(s0 - w, 0): max(self.chunk_end(s0, c) - w, 0)].expand(b, hkv, -1)], -1)
+            cval = torch.cat([kval, torch.ones(b, hkv, cidx.shape[-1] - kval.shape[-1], dtype=torch.bool,
+                                               device=dev)], -1)
+            pooled = grid.gather(-1, (cidx[..., None] + taps).clamp(0, t - 1).flatten(-2)).view(*cidx.shape, -1)
+            sc = pooled.amax(-1).masked_fill(~cval, float("-inf"))
+            sel = ada_select(sc, floor, hkv * hh, cidx.double())
+            n_sel = max(1, int(sel.sum(-1).max()))
+            pick = sel.to(torch.int8).topk(n_sel, dim=-1).indices  # selected first
+            kidx, kval = cidx.gather(-1, pick), sel.gather(-1, pick)
+            kept.append((kidx, kval))
+            if out is not None:
+                out[:, :, ci].scatter_(-1, torch.where(kval, kidx, t), True)
+        return (None if out is None else out[..., :t]), (w, c), kept
 
     def block_plan(self, q, k, ctx, budget):
         t = q.shape[2]
-        keep_c, (w, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None))
-        starts = self.chunk_starts(t, c)
-        j = torch.arange(t, device=q.device)
-        # Slots for the kept keys before each chunk's window range: the largest head's count over all chunks.
-        lo = torch.tensor(starts, device=q.device)[:, None] - w + 1  # (nC, 1)
-        n_keep = int((keep_c & (j < lo)).sum(-1).max())
-        return window_plan(starts, t, c, keep_c, 0, w, n_keep, q.device)
+        _, (w, c), kept = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None), dense_keep=False)
+        # Every chunk's selection lies before its rows' window range: [window range | selection] slots.
+        n_keep = max(x[0].shape[-1] for x in kept)
+        pad = lambda x, v: F.pad(x, (0, n_keep - x.shape[-1]), value=v)  # noqa: E731
+        kidx = torch.stack([pad(i, 0) for i, _ in kept], 2)  # (B, H_kv, nC, n_keep)
+        kval = torch.stack([pad(v, False) for _, v in kept], 2)
+        return window_plan(self.chunk_starts(t, c), t, c, None, 0, w, 0, q.device, kept=(kidx, kval))
 
     def mask(self, q, k, ctx, budget):
         t = q.shape[2]
-        keep_c, (w, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None))
+        keep_c, (w, c), _ = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None))
         i = torch.arange(t, device=q.device)
         return causal_mask(t, q.device) & ((i[:, None] - i[None] < w) | keep_c[:, :, self.row_chunks(t, c, q.device)])
 
     def mask_mod(self, q, k, ctx, budget):
-        keep_c, (w, c) = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None))
+        keep_c, (w, c), _ = self.keep_per_chunk(q, k, budget, getattr(ctx, "versions", None))
         rc = self.row_chunks(q.shape[2], c, q.device)
         return lambda b, h, qi, ki: (qi - ki < w) | keep_c[b, h, rc[qi], ki]

@@ -109,28 +109,45 @@ def true_indices(mask: Tensor, n: int) -> Tensor:
 
 
 def window_plan(starts: list[int], t: int, c: int, keep_c: Tensor | None, n_sink: int, window: int, n_keep: int,
-                device) -> BlockPlan:
-    """The plan of blocks starting at ``starts`` (C rows each) that read ``sinks ∪ window ∪ keep_c[:, :, block]``
-    (keep_c (B|1, H_kv|1, nB, T) bool or None; at most n_keep kept keys per block before its window range).
+                device, kept: tuple[Tensor, Tensor] | None = None) -> BlockPlan:
+    """The plan of blocks starting at ``starts`` (C rows each) that read ``sinks ∪ window ∪ kept keys``: the kept
+    keys as ``keep_c`` (B|1, H_kv|1, nB, T) bool (at most n_keep per block before its window range), or as
+    ``kept`` = (indices, valid) (B, H_kv, nB, n) long and bool, or none.
 
-    Slots per block: [sinks (n_sink) | the window range [s0 - window + 1, s0 + C) | n_keep kept keys before
-    that range], S = n_sink + window + C - 1 + n_keep; a kept key inside the window range is read through its
-    window slot (turned ALWAYS: every row from the key on reads it). All blocks at once."""
+    Slots per block: [sinks (n_sink) | the window range [s0 - window + 1, s0 + C) | the kept slots],
+    S = n_sink + window + C - 1 + n_keep; a kept key inside the window range is read through its window slot
+    (turned ALWAYS: every row from the key on reads it). All blocks at once."""
     s0 = torch.tensor(starts, device=device)
     sink_k, sink_kind, win_k, win_kind = window_slots(s0, c, n_sink, window, t)
     rows = row_blocks(starts, t, c, device)
-    if keep_c is None:
+    if keep_c is None and kept is None:
         return BlockPlan(rows, torch.cat([sink_k, win_k], -1)[None, None],
                          torch.cat([sink_kind, win_kind], -1)[None, None], window=window)
-    lead = keep_c.shape[:2]
+    if kept is None:  # the kept keys before each window range, as indices
+        before = keep_c & (torch.arange(t, device=device) < (s0 - window + 1)[:, None])
+        kidx = true_indices(before, n_keep)  # (B|1, H_kv|1, nB, max(n_keep, 1))
+        kept = (kidx, before.gather(-1, kidx))
+    kidx, kval = kept
+    lead = kidx.shape[:2]
+    win_kind, k_kind = mark_kept(win_kind.expand(*lead, -1, -1), kidx, kval, (s0 - window + 1)[:, None])
+    # Kept slots that stay used first, and as many as the fullest block needs.
+    pick = k_kind.topk(max(1, int((k_kind > 0).sum(-1).max())), dim=-1).indices
+    kidx, k_kind = kidx.gather(-1, pick), k_kind.gather(-1, pick)
     nb = len(starts)
-    win_kind = torch.where(keep_c.gather(-1, win_k.expand(*lead, -1, -1)) & (win_kind > 0), ALWAYS, win_kind)
-    before = keep_c & (torch.arange(t, device=device) < (s0 - window + 1)[:, None])  # kept, before the window range
-    kidx = true_indices(before, n_keep)  # (B|1, H_kv|1, nB, max(n_keep, 1))
-    k_kind = torch.where(before.gather(-1, kidx), ALWAYS, 0).to(torch.int8)
     keys = torch.cat([sink_k.expand(*lead, nb, -1), win_k.expand(*lead, nb, -1), kidx], -1)
-    kind = torch.cat([sink_kind.expand(*lead, nb, -1), win_kind.to(torch.int8), k_kind], -1)
-    return BlockPlan(rows, keys, kind, window=window)
+    return BlockPlan(rows, keys, torch.cat([sink_kind.expand(*lead, nb, -1), win_kind, k_kind], -1), window=window)
+
+
+def mark_kept(win_kind: Tensor, kidx: Tensor, kval: Tensor, lo: Tensor | int) -> tuple[Tensor, Tensor]:
+    """Kinds of window-range slots (..., W) and of kept slots (..., n) given the kept keys ``kidx`` (..., n)
+    (``kval``: which are kept; ``lo``: the first window-range key, broadcasting). A kept key inside the window
+    range turns its window slot ALWAYS and leaves its kept slot unused; the others are ALWAYS kept slots."""
+    in_win = kval & (kidx >= lo)
+    n_win = win_kind.shape[-1]
+    spare = torch.cat([win_kind, win_kind.new_zeros(*win_kind.shape[:-1], 1)], -1)  # column W: spare, dropped
+    spare = spare.expand(*kidx.shape[:-1], -1).clone()
+    spare.scatter_(-1, torch.where(in_win, kidx - lo, n_win), ALWAYS)
+    return spare[..., :n_win], (kval & ~in_win).to(torch.int8)  # ALWAYS == 1
 
 
 def window_slots(s0: Tensor, c: int, n_sink: int, window: int, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -265,7 +282,7 @@ class _BlockFlash(torch.autograd.Function):
 
 def window_block_kept(slots: tuple[Tensor, Tensor, Tensor, Tensor], kidx: Tensor, kval: Tensor, lo: int
                       ) -> tuple[Tensor, Tensor]:
-    """One block's slots (:func:`window_plan`'s layout) with its kept keys given as indices (H2O, LRU, LRU+).
+    """One block's keys and kinds in :func:`window_plan`'s layout, its kept keys given as indices (H2O, LRU, LRU+).
 
     Args:
         slots: the block's row of :func:`window_slots` (sink keys, sink kinds, window keys, window kinds).
@@ -275,12 +292,6 @@ def window_block_kept(slots: tuple[Tensor, Tensor, Tensor, Tensor], kidx: Tensor
     """
     sink, sink_kind, winc, win_kind = slots
     b, hkv, _ = kidx.shape
-    in_win = kval & (kidx >= lo)
-    n_win = winc.shape[0]
-    # Kept keys in the window range turn their window slot ALWAYS (index n_win: a spare column, dropped) and
-    # leave their kept slot unused.
-    win_kind = torch.cat([win_kind, win_kind.new_zeros(1)]).expand(b, hkv, -1).clone()
-    win_kind.scatter_(-1, torch.where(in_win, kidx - lo, n_win), ALWAYS)
-    k_kind = (kval & ~in_win).to(torch.int8)  # ALWAYS == 1
+    win_kind, k_kind = mark_kept(win_kind, kidx, kval, lo)
     keys = torch.cat([sink.expand(b, hkv, -1), winc.expand(b, hkv, -1), kidx], -1)
-    return keys, torch.cat([sink_kind.expand(b, hkv, -1), win_kind[..., :n_win], k_kind], -1)
+    return keys, torch.cat([sink_kind.expand(b, hkv, -1), win_kind, k_kind], -1)
