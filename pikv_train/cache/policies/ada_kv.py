@@ -167,7 +167,7 @@ class AdaKVScheduler(CachePolicy):
             kept.append((kidx, kval))
             if out is not None:
                 out[:, :, ci].scatter_(-1, torch.where(kval, kidx, t), True)
-        return (None if out is None else out[..., :t]), (w, c), kept
+        return (None if out is None else out[..., :t].contiguous()), (w, c), kept
 
     def block_plan(self, q, k, ctx, budget):
         t = q.shape[2]
@@ -177,7 +177,7 @@ class AdaKVScheduler(CachePolicy):
         pad = lambda x, v: F.pad(x, (0, n_keep - x.shape[-1]), value=v)  # noqa: E731
         kidx = torch.stack([pad(i, 0) for i, _ in kept], 2)  # (B, H_kv, nC, n_keep)
         kval = torch.stack([pad(v, False) for _, v in kept], 2)
-        return window_plan(self.chunk_starts(t, c), t, c, None, 0, w, 0, q.device, kept=(kidx, kval))
+        return window_plan(self.chunk_starts(t, c), t, c, 0, w, q.device, kept=(kidx, kval))
 
     def mask(self, q, k, ctx, budget):
         t = q.shape[2]

@@ -14,11 +14,13 @@ and Quest it follows from positions and page selections.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 
@@ -29,9 +31,14 @@ def kind_vis(j: Tensor, kind: Tensor, i: Tensor, window: int) -> Tensor:
     """Whether row i reads key slot j of the given kind (broadcasting): 0 <= i - j < limit, the limit being the
     window for WINDOW slots, any distance for ALWAYS ones and none for unused ones (a lookup by kind); rows -1
     (padding) read nothing."""
-    lut = torch.tensor([0, 1 << 62, window], dtype=torch.long, device=j.device)  # unused, ALWAYS, WINDOW
     d = i - j
-    return (d >= 0) & (d < lut[kind.long()])
+    return (d >= 0) & (d < _limits(window, j.device)[kind.long()])
+
+
+@functools.lru_cache(maxsize=64)
+def _limits(window: int, device: torch.device) -> Tensor:
+    """Reading distance limit by slot kind (unused, ALWAYS, WINDOW), made once per device (no copy per call)."""
+    return torch.tensor([0, 1 << 62, window], dtype=torch.long, device=device)
 
 
 @dataclass
@@ -40,9 +47,9 @@ class BlockPlan:
     the backward, so nothing of size (T, S) is kept: visibility is rebuilt per group of blocks).
 
     rows: (nB, C) long, the row of each block slot (-1: padding, when a block is shorter than C).
-    keys: (B|1, H_kv|1, nB, S) long, the key index of each key slot (any index where unused; >= T is never read);
-        or None with ``page_ids`` (Quest): (B, H_kv, nB, U) long pages, slot u * page + r holding key
-        page_ids[u] * page + r (see :meth:`block_keys`).
+    keys: (B|1, H_kv|1, nB, S) int32 (stored; given as any integer type), the key index of each key slot (any
+        index where unused; >= T is never read); or None with ``page_ids`` (Quest): (B, H_kv, nB, U) int32 pages,
+        slot u * page + r holding key page_ids[u] * page + r (see :meth:`block_keys`).
     kind: (B|1, H_kv|1, nB, S) int8 per key slot: 0 unused, ALWAYS (read by every row j <= i), WINDOW (read by
         rows with 0 <= i - j < ``window``); or None with ``page_sel``.
     page_sel: (B|1, H_kv|1, nB, C, U) bool, Quest: row slot reads the block's u-th page (key slots
@@ -57,6 +64,13 @@ class BlockPlan:
     page: int = 1
     page_ids: Tensor | None = None
 
+    def __post_init__(self):
+        # Every layer's plan lives until the backward: int32 halves it (indices are widened per group of blocks).
+        if self.keys is not None:
+            self.keys = self.keys.to(torch.int32)
+        if self.page_ids is not None:
+            self.page_ids = self.page_ids.to(torch.int32)
+
     @property
     def n_slots(self) -> int:
         """S, key slots per block."""
@@ -65,8 +79,8 @@ class BlockPlan:
     def block_keys(self, lo: int = 0, hi: int | None = None) -> Tensor:
         """(B|1, H_kv|1, n, S) long key index of each slot of blocks [lo, hi)."""
         if self.keys is not None:
-            return self.keys[..., lo:hi, :]
-        pages = self.page_ids[..., lo:hi, :, None]
+            return self.keys[..., lo:hi, :].long()
+        pages = self.page_ids[..., lo:hi, :, None].long()
         return (pages * self.page + torch.arange(self.page, device=pages.device)).flatten(-2)
 
     def block_vis(self, lo: int = 0, hi: int | None = None) -> Tensor:
@@ -87,8 +101,11 @@ class BlockPlan:
 
     def counts(self, b: int, hkv: int, t: int) -> Tensor:
         """(B, H_kv, T) number of keys each row reads (the policy's statistics, as from a dense mask)."""
-        n = self.block_vis().sum(-1).flatten(-2)  # (B|1, H_kv|1, nB * C)
-        return n.index_select(-1, self.slot_of_row(t)).expand(b, hkv, t)
+        nb, c = self.rows.shape
+        lead = (self.keys if self.keys is not None else self.page_ids).shape[:2]
+        step = max(1, (1 << 20) // (c * self.n_slots * lead.numel()))  # blocks at a time: bounded temporaries
+        n = torch.cat([self.block_vis(i, i + step).sum(-1) for i in range(0, nb, step)], -2)  # (.., nB, C)
+        return n.flatten(-2).index_select(-1, self.slot_of_row(t)).expand(b, hkv, t)
 
     def dense(self, b: int, hkv: int, t: int) -> Tensor:
         """(B, H_kv, T, T) bool: the same visibility as a dense mask (only where one is needed anyway)."""
@@ -108,25 +125,20 @@ def true_indices(mask: Tensor, n: int) -> Tensor:
     return mask.to(torch.int8).topk(max(1, min(n, mask.shape[-1])), dim=-1, sorted=False).indices
 
 
-def window_plan(starts: list[int], t: int, c: int, keep_c: Tensor | None, n_sink: int, window: int, n_keep: int,
-                device, kept: tuple[Tensor, Tensor] | None = None) -> BlockPlan:
-    """The plan of blocks starting at ``starts`` (C rows each) that read ``sinks ∪ window ∪ kept keys``: the kept
-    keys as ``keep_c`` (B|1, H_kv|1, nB, T) bool (at most n_keep per block before its window range), or as
-    ``kept`` = (indices, valid) (B, H_kv, nB, n) long and bool, or none.
+def window_plan(starts: list[int], t: int, c: int, n_sink: int, window: int, device,
+                kept: tuple[Tensor, Tensor] | None = None) -> BlockPlan:
+    """The plan of blocks starting at ``starts`` (C rows each) that read ``sinks ∪ window ∪ kept keys``, the kept
+    keys of each block given as ``kept`` = (indices, valid) (B, H_kv, nB, n) long and bool, or none.
 
     Slots per block: [sinks (n_sink) | the window range [s0 - window + 1, s0 + C) | the kept slots],
-    S = n_sink + window + C - 1 + n_keep; a kept key inside the window range is read through its window slot
+    S = n_sink + window + C - 1 + n; a kept key inside the window range is read through its window slot
     (turned ALWAYS: every row from the key on reads it). All blocks at once."""
     s0 = torch.tensor(starts, device=device)
     sink_k, sink_kind, win_k, win_kind = window_slots(s0, c, n_sink, window, t)
     rows = row_blocks(starts, t, c, device)
-    if keep_c is None and kept is None:
+    if kept is None:
         return BlockPlan(rows, torch.cat([sink_k, win_k], -1)[None, None],
                          torch.cat([sink_kind, win_kind], -1)[None, None], window=window)
-    if kept is None:  # the kept keys before each window range, as indices
-        before = keep_c & (torch.arange(t, device=device) < (s0 - window + 1)[:, None])
-        kidx = true_indices(before, n_keep)  # (B|1, H_kv|1, nB, max(n_keep, 1))
-        kept = (kidx, before.gather(-1, kidx))
     kidx, kval = kept
     lead = kidx.shape[:2]
     win_kind, k_kind = mark_kept(win_kind.expand(*lead, -1, -1), kidx, kval, (s0 - window + 1)[:, None])
@@ -140,13 +152,14 @@ def window_plan(starts: list[int], t: int, c: int, keep_c: Tensor | None, n_sink
 
 def mark_kept(win_kind: Tensor, kidx: Tensor, kval: Tensor, lo: Tensor | int) -> tuple[Tensor, Tensor]:
     """Kinds of window-range slots (..., W) and of kept slots (..., n) given the kept keys ``kidx`` (..., n)
-    (``kval``: which are kept; ``lo``: the first window-range key, broadcasting). A kept key inside the window
-    range turns its window slot ALWAYS and leaves its kept slot unused; the others are ALWAYS kept slots."""
-    in_win = kval & (kidx >= lo)
+    (``kval``: which are kept; ``lo``: the first window-range key, broadcasting). A kept key on a used
+    window-range slot turns that slot ALWAYS and leaves its kept slot unused; the others are ALWAYS kept slots."""
     n_win = win_kind.shape[-1]
     spare = torch.cat([win_kind, win_kind.new_zeros(*win_kind.shape[:-1], 1)], -1)  # column W: spare, dropped
     spare = spare.expand(*kidx.shape[:-1], -1).clone()
-    spare.scatter_(-1, torch.where(in_win, kidx - lo, n_win), ALWAYS)
+    at = torch.where(kval & (kidx >= lo) & (kidx - lo < n_win), kidx - lo, n_win)
+    in_win = spare.gather(-1, at) > 0  # on a used window slot (never a sink's or one outside [0, T))
+    spare.scatter_(-1, torch.where(in_win, at, n_win), ALWAYS)
     return spare[..., :n_win], (kval & ~in_win).to(torch.int8)  # ALWAYS == 1
 
 
@@ -172,7 +185,7 @@ def row_blocks(starts: list[int], t: int, c: int, device) -> Tensor:
     return rows
 
 
-def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: int = 1 << 20) -> Tensor:
+def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: int = 1 << 18) -> Tensor:
     """(B, H, T, hd) attention of q (B, H, T, hd) over k, v (B, H_kv, T, hd) as ``plan`` shows each row.
 
     Every (sequence, kv-head, block) is one SDPA batch entry: the g = H / H_kv query heads of the kv-head attend
@@ -190,15 +203,16 @@ def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: in
     per_block = b * hkv * plan.n_slots * (h // hkv * c + 2 * hd)
     step = max(1, max_elems // max(per_block, 1))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    ys = []
-    for i in range(0, nb, step):
-        if grad and _cpu_flash(q):
-            ys.append(_BlockFlash.apply(q, k, v, plan, i, i + step))
-        elif grad:
-            ys.append(checkpoint(_attend_blocks, q, k, v, plan, i, i + step, use_reentrant=False))
-        else:
-            ys.append(_attend_blocks(q, k, v, plan, i, i + step))
-    y = torch.cat(ys, 2) if len(ys) > 1 else ys[0]  # (B, H, nB * C, hd)
+    # The gathers index flattened (B·H_kv·T, hd) keys and values: one copy here if they are strided (v comes
+    # from a permuted projection), not one per group.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    groups = [(i, min(i + step, nb)) for i in range(0, nb, step)]
+    if grad and _cpu_flash(q):
+        y = _BlockFlash.apply(q, k, v, plan, groups)
+    else:
+        ys = [checkpoint(_attend_blocks, q, k, v, plan, lo, hi, use_reentrant=False) if grad
+              else _attend_blocks(q, k, v, plan, lo, hi) for lo, hi in groups]
+        y = torch.cat(ys, 2) if len(ys) > 1 else ys[0]  # (B, H, nB * C, hd)
     return y.index_select(2, plan.slot_of_row(t))
 
 
@@ -248,36 +262,48 @@ def _ungroup(y: Tensor, q: Tensor, k: Tensor) -> Tensor:
 
 
 class _BlockFlash(torch.autograd.Function):
-    """Blocks [lo, hi) through the CPU flash kernel, keeping only the output and log-sum-exp for the backward
-    (the gathered keys, values and mask are rebuilt there: memory O(output), one forward)."""
+    """All groups of blocks through the CPU flash kernel, as one autograd node: the forward keeps each group's
+    output and log-sum-exp; the backward gathers each group's keys, values and mask again (memory O(output),
+    one forward) and accumulates into one gradient per input, so the backward allocates q, k and v's
+    gradients once, not once per group."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, lo, hi):
-        qb, kb, vb, mask, _, _ = _gather_blocks(q, k, v, plan, lo, hi)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, False,
-                                                                                attn_mask=mask)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.lo, ctx.hi = plan, lo, hi
-        return _ungroup(out, q, k)
+    def forward(ctx, q, k, v, plan, groups):
+        outs, lses, ys = [], [], []
+        for lo, hi in groups:
+            qb, kb, vb, mask, _, _ = _gather_blocks(q, k, v, plan, lo, hi)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, False,
+                                                                                    attn_mask=mask)
+            outs.append(out)
+            lses.append(lse)
+            ys.append(_ungroup(out, q, k))
+        ctx.save_for_backward(q, k, v)
+        ctx.plan, ctx.groups, ctx.outs, ctx.lses = plan, groups, outs, lses
+        return torch.cat(ys, 2) if len(ys) > 1 else ys[0]  # (B, H, nB * C, hd)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         b, h, t, hd = q.shape
         hkv = k.shape[1]
         g = h // hkv
-        qb, kb, vb, mask, ridx, kidx = _gather_blocks(q, k, v, ctx.plan, ctx.lo, ctx.hi)
-        nbh, _, c, _ = out.shape
-        n = nbh // (b * hkv)
-        go = gy.reshape(b, hkv, g, n, c, hd).permute(0, 1, 3, 2, 4, 5).reshape(nbh, g, c, hd)
-        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            go, qb, kb, vb, out, lse, 0.0, False, attn_mask=mask)
-        # Back through the gathers: q rows (padding rows' gradients are zero: their outputs were dropped).
-        gq = gq.view(b, hkv, n, g, c, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, g, n * c, hd)
-        dq = torch.zeros(b, hkv, g, t, hd, dtype=q.dtype, device=q.device).index_add_(3, ridx, gq).view_as(q)
-        dk = torch.zeros(b * hkv * t, hd, dtype=k.dtype, device=k.device).index_add_(0, kidx, gk.reshape(-1, hd))
-        dv = torch.zeros(b * hkv * t, hd, dtype=v.dtype, device=v.device).index_add_(0, kidx, gv.reshape(-1, hd))
-        return dq, dk.view_as(k), dv.view_as(v), None, None, None
+        dq = torch.zeros(b, hkv, g, t, hd, dtype=q.dtype, device=q.device)
+        dk = torch.zeros(b * hkv * t, hd, dtype=k.dtype, device=k.device)
+        dv = torch.zeros_like(dk)
+        c = ctx.plan.rows.shape[1]
+        for (lo, hi), out, lse in zip(ctx.groups, ctx.outs, ctx.lses):
+            qb, kb, vb, mask, ridx, kidx = _gather_blocks(q, k, v, ctx.plan, lo, hi)
+            n = hi - lo
+            go = gy[:, :, lo * c: hi * c].reshape(b, hkv, g, n, c, hd).permute(0, 1, 3, 2, 4, 5)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                go.reshape(b * hkv * n, g, c, hd), qb, kb, vb, out, lse, 0.0, False, attn_mask=mask)
+            # Back through the gathers (padding rows' gradients are zero: their outputs were dropped).
+            dq.index_add_(3, ridx, gq.view(b, hkv, n, g, c, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, g, n * c, hd))
+            dk.index_add_(0, kidx, gk.reshape(-1, hd))
+            dv.index_add_(0, kidx, gv.reshape(-1, hd))
+        ctx.outs = ctx.lses = None
+        return dq.view_as(q), dk.view_as(k), dv.view_as(v), None, None
 
 
 def window_block_kept(slots: tuple[Tensor, Tensor, Tensor, Tensor], kidx: Tensor, kval: Tensor, lo: int

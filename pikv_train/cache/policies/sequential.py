@@ -161,9 +161,10 @@ class ChunkSequentialPolicy(CachePolicy):
         hkv, g = k.shape[1], h // k.shape[1]
         s, r, hh, c = self.sizes(budget)
         dev = q.device
-        # (B, H_kv, T, g, hd): a chunk's rows of all g query heads are one contiguous (n·g, hd) matrix.
-        qd = (q.double() / math.sqrt(hd)).view(b, hkv, g, t, hd).transpose(2, 3).contiguous()
-        kd = k.double()
+        # (B, H_kv, T, g, hd): a chunk's rows of all g query heads are one contiguous (n·g, hd) matrix. Chunks
+        # are turned float64 one at a time (no float64 copy of q or k lives through the pass).
+        qt = q.view(b, hkv, g, t, hd).transpose(2, 3).contiguous()
+        kd = None if versions is None else k.double()
         j = torch.arange(t, device=dev)
         starts = self.chunk_starts(t, c)
         n_c = len(starts)
@@ -201,11 +202,12 @@ class ChunkSequentialPolicy(CachePolicy):
                 pr = prior[..., s0:e, :].expand(b, hkv, n, t)
                 vis = vis & pr.gather(-1, keys[:, :, None].expand(b, hkv, n, -1))
             if versions is None:
-                kg = kd.gather(2, keys[..., None].expand(-1, -1, -1, hd))  # (B, H_kv, S, hd)
-                logits = (qd[:, :, s0:e].reshape(b, hkv, n * g, hd) @ kg.transpose(-1, -2)).view(b, hkv, n, g, -1)
+                kg = k.gather(2, keys[..., None].expand(-1, -1, -1, hd)).double()  # (B, H_kv, S, hd)
+                qc = qt[:, :, s0:e].reshape(b, hkv, n * g, hd).double() / math.sqrt(hd)
+                logits = (qc @ kg.transpose(-1, -2)).view(b, hkv, n, g, -1)
             else:  # the keys as each row reads them (stored forms), then the same slots
                 idx = keys[:, :, None, None].expand(b, hkv, g, n, -1)  # (B, H_kv, g, n, S)
-                logits = scoring_logits(versions, qd[:, :, s0:e].transpose(2, 3), kd[:, :, None], rows,
+                logits = scoring_logits(versions, qt[:, :, s0:e].transpose(2, 3).double() / math.sqrt(hd), kd[:, :, None], rows,
                                         lambda x: x.double()[:, :, None]).gather(-1, idx).transpose(2, 3)
             p = logits.masked_fill(~vis[:, :, :, None], NEG).softmax(-1).mean(3)  # (B, H_kv, n, S)
             imp.scatter_add_(-1, keys, p.sum(2))
@@ -214,7 +216,7 @@ class ChunkSequentialPolicy(CachePolicy):
                 freq.scatter_add_(-1, keys, used.sum(2).double())
                 last.scatter_reduce_(-1, keys, torch.where(used, rows[:, None].double(), -1.0).amax(2), "amax")
         plan = BlockPlan(row_blocks(starts, t, c, dev), torch.stack(keys_c, 2), torch.stack(kind_c, 2), window=r)
-        return (None if out is None else out[..., :t]), (s, r, hh, c), plan
+        return (None if out is None else out[..., :t].contiguous()), (s, r, hh, c), plan
 
     def block_plan(self, q, k, ctx, budget):
         return self.keep_per_chunk(q, k, budget, dense_keep=False)[2]

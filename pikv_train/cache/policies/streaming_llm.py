@@ -33,7 +33,7 @@ def streaming_plan(t: int, budget: int, n_sink: int, device, block_rows: int = 6
     the window range of its rows (s + W + block_rows - 1 key slots)."""
     s, w = sink_window(budget, n_sink)
     c = min(block_rows, t)
-    return window_plan(list(range(0, t, c)), t, c, None, s, w, 0, device)
+    return window_plan(list(range(0, t, c)), t, c, s, w, device)
 
 
 class StreamingLLMCache(PolicyCache):
