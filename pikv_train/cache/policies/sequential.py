@@ -19,7 +19,10 @@ chunk c's rows attend under the visibility fixed at its boundary, their probabil
 statistics, then the next boundary decides. ``chunk_size: 1`` is the published per-token H2O / LRU;
 C > 1 takes the same decisions every C tokens (the one deviation, a knob). The inference cache
 (``SeqCache``) runs the same rule token by token on the keys it really holds; both score in float64, so
-token-by-token decoding equals the training forward (tests/cache/test_contract.py).
+token-by-token decoding equals the training forward (tests/cache/test_contract.py). The two sum in different
+orders, so they agree to float64 rounding, not bit for bit: two keys with exactly equal vectors (which RoPE makes
+practically impossible at distinct positions) can receive probabilities that differ in the last bit and be ranked
+differently by the two.
 """
 
 from __future__ import annotations
