@@ -192,9 +192,9 @@ def block_attend(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, max_elems: in
     as g heads over one gathered key head (GQA), with one (C, S) mask broadcast over them, so nothing is
     expanded g times. Blocks run in groups of at most ``max_elems`` elements (scores plus gathered keys and
     values), so the temporaries are one group's, whatever T is. With gradients nothing gathered is kept for the
-    backward: on CPU each group is an autograd function over the flash kernel that keeps its output and
-    log-sum-exp and gathers its keys, values and mask again in the backward (no second forward); elsewhere each
-    group is checkpointed (recomputed in the backward).
+    backward: on CPU all groups are one autograd node over the flash kernel that keeps each group's output and
+    log-sum-exp and gathers its keys, values and mask again in the backward (no second forward, gradients
+    allocated once); elsewhere each group is checkpointed (recomputed in the backward).
     """
     b, h, t, hd = q.shape
     hkv = k.shape[1]
